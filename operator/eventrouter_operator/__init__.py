@@ -1,0 +1,1 @@
+"""Kubernetes operator that reconciles EventRouter resources (not built yet)."""

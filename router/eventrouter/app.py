@@ -1,0 +1,244 @@
+"""The ingestion API, a plain ASGI application on port 7350.
+
+`POST /v2/event` takes one event exactly as Nakama clients send it and answers
+200 with `{}`. `POST /v2/events` takes `{"events": [...]}` and answers with the
+number accepted and one error per invalid event. Errors are JSON objects with
+`error` (a stable code) and `message` (what is wrong and what to do).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import orjson
+
+from eventrouter.auth import Authenticator, Principal
+from eventrouter.engine import Engine, Overloaded
+from eventrouter.envelope import Envelope, EventDecoder, IdGenerator, describe_decode_error
+from eventrouter.errors import AuthError, IngestError
+from eventrouter.logs import RateLimitedLog
+from eventrouter.metrics import Metrics
+
+__all__ = ["IngestApp"]
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_EMPTY_OK = b"{}"
+
+
+class IngestApp:
+    """ASGI application for event ingestion.
+
+    The engine, decoder and authenticator are replaced on reload through
+    `configure`, so a request always sees one consistent set.
+    """
+
+    def __init__(self, engine: Engine, authenticator: Authenticator, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.accepting = True
+        self._ids = IdGenerator()
+        self._denied = RateLimitedLog(logger)
+        self._received_http = metrics.received.labels("http")
+        self.configure(authenticator)
+
+    def configure(self, authenticator: Authenticator) -> None:
+        config = self.engine.config
+        self.authenticator = authenticator
+        self.decoder = EventDecoder(config.router.spec.limits)
+        self.max_body = config.router.spec.limits.max_request_bytes
+        self.router_name = config.name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path in ("/v2/event", "/v2/events"):
+            if scope["method"] != "POST":
+                await _respond(send, 405, _error("method_not_allowed", f"use POST for {path}"),
+                               [(b"allow", b"POST")])
+                return
+            await self._ingest(scope, receive, send, batch=path == "/v2/events")
+            return
+        await _respond(
+            send, 404, _error("not_found", f"no endpoint at {path}; use POST /v2/event or /v2/events")
+        )
+
+    async def _ingest(self, scope: Scope, receive: Receive, send: Send, *, batch: bool) -> None:
+        try:
+            if not self.accepting:
+                raise IngestError(503, "shutting_down", "the router is shutting down; retry on another replica")
+            principal = self._authenticate(scope)
+            body = await self._read_body(scope, receive)
+            if batch:
+                status, payload = self._accept_batch(body, principal)
+            else:
+                status, payload = self._accept_one(body, principal)
+        except IngestError as exc:
+            extra = [(b"retry-after", b"1")] if exc.status in (429, 503) else None
+            await _respond(send, exc.status, _error(exc.error, exc.message), extra)
+            return
+        await _respond(send, status, payload)
+
+    def _authenticate(self, scope: Scope) -> Principal:
+        authorization = api_key = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"x-api-key":
+                api_key = value.decode("latin-1")
+        try:
+            return self.authenticator.authenticate(authorization, api_key)
+        except AuthError as exc:
+            self.metrics.rejected.labels("unauthenticated").inc()
+            client = scope.get("client")
+            self._denied.log(
+                logging.INFO,
+                "auth",
+                "rejected request from %s: %s",
+                client[0] if client else "unknown",
+                exc,
+            )
+            raise IngestError(401, "unauthenticated", str(exc)) from exc
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.max_body
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise IngestError(400, "invalid_request", "Content-Length is not a number") from None
+                if declared > limit:
+                    self.metrics.rejected.labels("too_large").inc()
+                    raise IngestError(413, "too_large", _too_large(limit, declared))
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise IngestError(400, "invalid_request", "client disconnected before sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                self.metrics.rejected.labels("too_large").inc()
+                raise IngestError(413, "too_large", _too_large(limit, size))
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _envelopes(self, events: list[Any], principal: Principal) -> list[Envelope]:
+        now = datetime.now(UTC)
+        ids = self._ids.next_ids(len(events))
+        router = self.router_name
+        server = principal.server or not self.authenticator.enabled
+        return [
+            Envelope(
+                id=ids[i],
+                name=event.name,
+                properties=event.properties,
+                timestamp=event.timestamp or now,
+                received_at=now,
+                # Only server callers (or an open loopback router) choose `external`;
+                # events from game clients are always external, as in Nakama.
+                external=event.external if server else True,
+                router=router,
+                user_id=principal.user_id,
+                username=principal.username,
+                session_id=principal.session_id,
+            )
+            for i, event in enumerate(events)
+        ]
+
+    def _submit(self, envelopes: list[Envelope]) -> int:
+        try:
+            return self.engine.submit(envelopes)
+        except Overloaded:
+            self.metrics.rejected.labels("overloaded").inc(len(envelopes))
+            raise IngestError(
+                503,
+                "overloaded",
+                f"the router's buffer is full; retry after 1 second ({len(envelopes)} events not accepted)",
+            ) from None
+
+    def _accept_one(self, body: bytes, principal: Principal) -> tuple[int, bytes]:
+        self._received_http.inc()
+        try:
+            event = self.decoder.decode_one(body)
+        except msgspec.DecodeError as exc:
+            self.metrics.rejected.labels("invalid").inc()
+            raise IngestError(400, "invalid_event", describe_decode_error(exc, "event")) from None
+        self._submit(self._envelopes([event], principal))
+        return 200, _EMPTY_OK
+
+    def _accept_batch(self, body: bytes, principal: Principal) -> tuple[int, bytes]:
+        try:
+            events, errors = self.decoder.decode_batch(body)
+        except msgspec.DecodeError as exc:
+            self.metrics.received.labels("http").inc()
+            self.metrics.rejected.labels("invalid").inc()
+            message = describe_decode_error(exc)
+            if "length <=" in message:
+                limit = self.decoder.limits.max_batch_events
+                raise IngestError(
+                    413, "too_many_events", f"{message}; send at most {limit} events per request"
+                ) from None
+            raise IngestError(400, "invalid_batch", message) from None
+        self._received_http.inc(len(events) + len(errors))
+        if errors:
+            self.metrics.rejected.labels("invalid").inc(len(errors))
+        dropped = self._submit(self._envelopes(events, principal)) if events else 0
+        payload = {
+            "accepted": len(events),
+            "rejected": len(errors),
+            "errors": [{"index": e.index, "error": "invalid_event", "message": e.message} for e in errors],
+        }
+        if dropped:
+            payload["dropped"] = dropped
+        status = 400 if not events else 200
+        return status, orjson.dumps(payload)
+
+
+def _too_large(limit: int, size: int) -> str:
+    return (
+        f"request body of {size} bytes exceeds the limit of {limit} bytes; "
+        "split it into smaller batches or raise spec.limits.maxRequestBytes"
+    )
+
+
+def _error(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": code, "message": message})
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    if extra_headers:
+        headers.extend(extra_headers)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,360 @@
+"""The engine: ring buffer, worker pool, routing, fan-out to sink runners.
+
+Ingestion calls `Engine.submit`, which never blocks. Workers take events from
+the ring buffer in batches, match them against the routes and put them in the
+queue of every sink a matching route names. `reload` swaps routes and sinks
+while events flow; `drain` stops the engine within a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from eventrouter.config import RouterConfig
+from eventrouter.envelope import Envelope
+from eventrouter.metrics import Metrics
+from eventrouter.routing import RouteTable
+from eventrouter.sinks import SinkRunner, build_sink
+
+__all__ = ["Engine", "Overloaded", "RingBuffer"]
+
+logger = logging.getLogger(__name__)
+
+_WORKER_BATCH = 256
+_LOGGED_IDS_PER_LINE = 1000
+
+
+class Overloaded(Exception):
+    """The ring buffer has no room and the overflow policy is `reject`."""
+
+
+class RingBuffer:
+    """A bounded FIFO of accepted events with an overflow policy.
+
+    `offer` never blocks: when the buffer is full, `dropNewest` drops the
+    incoming events, `dropOldest` evicts the oldest ones, and `reject` raises
+    `Overloaded` without taking any event of the request.
+    """
+
+    def __init__(self, capacity: int, overflow: str, metrics: Metrics) -> None:
+        self.capacity = capacity
+        self.overflow = overflow
+        self._items: deque[Envelope] = deque()
+        self._not_empty = asyncio.Event()
+        self._closed = False
+        self._metrics = metrics
+        self._dropped = metrics.buffer_dropped.labels("buffer_full")
+        metrics.buffer_capacity.set_function(lambda: self.capacity)
+        metrics.buffer_depth.set_function(lambda: len(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def offer(self, events: list[Envelope]) -> int:
+        """Add events; return how many the overflow policy dropped."""
+        free = self.capacity - len(self._items)
+        dropped = 0
+        if len(events) <= free:
+            self._items.extend(events)
+        elif self.overflow == "reject":
+            raise Overloaded
+        elif self.overflow == "dropNewest":
+            taken = max(free, 0)
+            self._items.extend(events[:taken])
+            dropped = len(events) - taken
+        else:
+            self._items.extend(events)
+            dropped = len(self._items) - self.capacity
+            for _ in range(dropped):
+                self._items.popleft()
+        if dropped:
+            self._dropped.inc(dropped)
+        self._not_empty.set()
+        return dropped
+
+    async def take(self, limit: int) -> list[Envelope] | None:
+        """Wait for events and return up to `limit` of them; None once closed and empty."""
+        while not self._items:
+            if self._closed:
+                return None
+            self._not_empty.clear()
+            await self._not_empty.wait()
+        count = min(limit, len(self._items))
+        popleft = self._items.popleft
+        return [popleft() for _ in range(count)]
+
+    def close(self) -> None:
+        self._closed = True
+        self._not_empty.set()
+
+    def clear(self) -> list[Envelope]:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+@dataclass(frozen=True)
+class _Active:
+    """Routes and the sink runners they name, swapped together on reload."""
+
+    config: RouterConfig
+    table: RouteTable
+    runners: dict[str, SinkRunner]
+
+
+class Engine:
+    """Ring buffer, workers and sinks of one router."""
+
+    def __init__(self, config: RouterConfig, metrics: Metrics, grace_period: float = 30.0) -> None:
+        queue = config.router.spec.queue
+        self.metrics = metrics
+        self.grace_period = grace_period
+        self.buffer = RingBuffer(queue.size, queue.overflow, metrics)
+        self._active = _Active(config, RouteTable(config.routes), {})
+        self._workers: list[asyncio.Task[None]] = []
+        self._worker_target = queue.workers
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[list[Envelope]]] = set()
+        self._unmatched = metrics.unmatched
+        self.started = False
+
+    @property
+    def config(self) -> RouterConfig:
+        return self._active.config
+
+    @property
+    def runners(self) -> dict[str, SinkRunner]:
+        return self._active.runners
+
+    def find_runner(self, name: str) -> SinkRunner | None:
+        return self._active.runners.get(name)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every sink, then the workers; raise if a sink cannot start."""
+        config = self._active.config
+        runners = await self._start_runners(config, {})
+        self._active = _Active(config, self._active.table, runners)
+        self._resize_workers(config.router.spec.queue.workers)
+        self.started = True
+        logger.info(
+            "engine started: %d routes, %d sinks, %d workers, buffer of %d (%s)",
+            len(config.routes),
+            len(runners),
+            self._worker_target,
+            self.buffer.capacity,
+            self.buffer.overflow,
+            extra={"router": config.name},
+        )
+
+    def _make_runner(self, config: RouterConfig, name: str) -> SinkRunner:
+        resource = config.sinks[name]
+        return SinkRunner(
+            name,
+            resource.spec,
+            build_sink(resource),
+            overflow=config.router.spec.queue.overflow,
+            metrics=self.metrics,
+            find_runner=self.find_runner,
+        )
+
+    async def _start_runners(
+        self, config: RouterConfig, current: dict[str, SinkRunner]
+    ) -> dict[str, SinkRunner]:
+        """Start runners for new or changed sinks and reuse unchanged ones."""
+        overflow = config.router.spec.queue.overflow
+        runners: dict[str, SinkRunner] = {}
+        started: list[SinkRunner] = []
+        try:
+            for name, resource in config.sinks.items():
+                old = current.get(name)
+                if old is not None and old.spec == resource.spec:
+                    runners[name] = old
+                    continue
+                runner = self._make_runner(config, name)
+                await runner.start()
+                started.append(runner)
+                runners[name] = runner
+        except BaseException:
+            for runner in started:
+                await runner.stop(time.monotonic())
+            raise
+        for runner in runners.values():
+            runner.overflow = overflow
+        return runners
+
+    def _resize_workers(self, count: int) -> None:
+        self._worker_target = count
+        self._workers = [t for t in self._workers if not t.done()]
+        while len(self._workers) < count:
+            index = len(self._workers)
+            self._workers.append(asyncio.create_task(self._work(index), name=f"worker-{index}"))
+
+    # --- intake ------------------------------------------------------------------
+
+    def submit(self, events: list[Envelope]) -> int:
+        """Put accepted events in the ring buffer; return how many overflow dropped.
+
+        Raises `Overloaded` when the policy is `reject` and the events do not fit.
+        """
+        return self.buffer.offer(events)
+
+    # --- workers -----------------------------------------------------------------
+
+    async def _work(self, index: int) -> None:
+        while index < self._worker_target:
+            batch = await self.buffer.take(_WORKER_BATCH)
+            if batch is None:
+                return
+            try:
+                await self._dispatch(batch)
+            except Exception:
+                # A bug in routing must not kill the worker pool; the events are
+                # counted so that nothing disappears uncounted.
+                logger.exception("worker %d failed to route %d events", index, len(batch))
+                self.metrics.buffer_dropped.labels("routing_error").inc(len(batch))
+
+    async def _dispatch(self, batch: list[Envelope]) -> None:
+        active = self._active
+        targets = active.table.targets
+        per_sink: dict[str, list[Envelope]] = {}
+        route_counts: dict[str, int] = {}
+        unmatched = 0
+        for event in batch:
+            routes, sinks = targets(event)
+            if not routes:
+                unmatched += 1
+                continue
+            for route in routes:
+                route_counts[route] = route_counts.get(route, 0) + 1
+            for sink in sinks:
+                bucket = per_sink.get(sink)
+                if bucket is None:
+                    per_sink[sink] = [event]
+                else:
+                    bucket.append(event)
+        if unmatched:
+            self._unmatched.inc(unmatched)
+        for route, count in route_counts.items():
+            self.metrics.route_matches.labels(route).inc(count)
+        for sink, events in per_sink.items():
+            await active.runners[sink].put(events)
+
+    # --- reload ------------------------------------------------------------------
+
+    async def reload(self, config: RouterConfig) -> None:
+        """Apply a new configuration without losing or duplicating events.
+
+        Unchanged sinks keep running. A changed sink gets a new runner, and the
+        old one hands over every event it has not finished. A removed sink
+        delivers what it holds within the grace period and stops.
+        """
+        async with self._reload_lock:
+            old = self._active
+            runners = await self._start_runners(config, old.runners)
+            self._active = _Active(config, RouteTable(config.routes), runners)
+            queue = config.router.spec.queue
+            self.buffer.capacity = queue.size
+            self.buffer.overflow = queue.overflow
+            self._resize_workers(queue.workers)
+
+            for name, runner in old.runners.items():
+                successor = runners.get(name)
+                if successor is runner:
+                    continue
+                if successor is not None:
+                    await runner.hand_over(successor, timeout=min(self.grace_period, 10.0))
+                    continue
+                deadline = time.monotonic() + self.grace_period
+                task = asyncio.create_task(runner.stop(deadline), name=f"retire-{name}")
+                self._retiring.add(task)
+                task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task[list[Envelope]]) -> None:
+        self._retiring.discard(task)
+        if not task.cancelled() and task.exception() is None and task.result():
+            _log_undelivered("removed sink", task.result())
+
+    # --- shutdown ----------------------------------------------------------------
+
+    async def drain(self, grace_period: float | None = None) -> int:
+        """Deliver everything held within the grace period; return how many were lost.
+
+        Undelivered events are counted as dropped with reason `shutdown` and
+        their ids are logged.
+        """
+        grace = self.grace_period if grace_period is None else grace_period
+        deadline = time.monotonic() + grace
+        self.buffer.close()
+        lost = 0
+
+        # Workers exit once the buffer is empty.
+        pending = [t for t in self._workers if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+            for task in still:
+                task.cancel()
+            for task in still:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        left = self.buffer.clear()
+        if left:
+            self.metrics.buffer_dropped.labels("shutdown").inc(len(left))
+            _log_undelivered("ring buffer", left)
+            lost += len(left)
+
+        # Sinks stop in dependency order: a dead-letter sink after the sinks
+        # that may still send to it.
+        for layer in _stop_order(self._active.runners):
+            results = await asyncio.gather(*(r.stop(deadline) for r in layer))
+            for runner, leftover in zip(layer, results, strict=True):
+                if leftover:
+                    _log_undelivered(f"sink {runner.name}", leftover)
+                    lost += len(leftover)
+        for task in list(self._retiring):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, max(0.1, deadline - time.monotonic()))
+        return lost
+
+
+def _stop_order(runners: dict[str, SinkRunner]) -> list[list[SinkRunner]]:
+    """Group runners so that each dead-letter target stops after its sources."""
+    depth: dict[str, int] = {}
+
+    def level(name: str, seen: frozenset[str]) -> int:
+        if name in depth:
+            return depth[name]
+        sources = [
+            n for n, r in runners.items() if r.spec.dead_letter_sink == name and n not in seen
+        ]
+        value = 1 + max((level(s, seen | {name}) for s in sources), default=-1)
+        depth[name] = value
+        return value
+
+    for name in runners:
+        level(name, frozenset())
+    layers: dict[int, list[SinkRunner]] = {}
+    for name, runner in runners.items():
+        layers.setdefault(depth[name], []).append(runner)
+    return [layers[k] for k in sorted(layers)]
+
+
+def _log_undelivered(where: str, events: list[Envelope]) -> None:
+    for start in range(0, len(events), _LOGGED_IDS_PER_LINE):
+        chunk = events[start : start + _LOGGED_IDS_PER_LINE]
+        logger.error(
+            "%s: %d events not delivered before the grace period ended",
+            where,
+            len(chunk),
+            extra={"event_ids": [e.id for e in chunk]},
+        )

@@ -1,0 +1,97 @@
+"""Exception tree of the router.
+
+    EventRouterError
+    ├── ConfigError            resource files that do not validate or resolve
+    ├── AuthError              missing, expired or badly signed credentials
+    ├── IngestError            an event or request that the API rejects
+    └── DeliveryError          a sink attempt that failed
+        ├── RetryableDeliveryError
+        └── PermanentDeliveryError
+
+Whether a delivery failure is worth another attempt is a property of its type
+(`DeliveryError.retryable`), never parsed from a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "ConfigIssue",
+    "DeliveryError",
+    "EventRouterError",
+    "IngestError",
+    "PermanentDeliveryError",
+    "RetryableDeliveryError",
+]
+
+
+class EventRouterError(Exception):
+    """Root of every error that the router raises on purpose."""
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a resource file, located by file, document and field path."""
+
+    file: str
+    document: int | None
+    name: str | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.document is not None:
+            where += f": document {self.document}"
+            if self.name:
+                where += f" ({self.name})"
+        field = f": {self.path}" if self.path else ""
+        return f"{where}{field}: {self.message}"
+
+
+class ConfigError(EventRouterError):
+    """Resource files that failed validation; `issues` lists every problem found."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        lines = "\n".join(f"  {issue}" for issue in issues)
+        super().__init__(f"{len(issues)} configuration error(s):\n{lines}")
+
+
+class AuthError(EventRouterError):
+    """Credentials that are missing, expired, malformed or signed with another key."""
+
+
+class IngestError(EventRouterError):
+    """A request or event that the ingestion API rejects with a 4xx status."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        self.status = status
+        self.error = error
+        self.message = message
+        super().__init__(message)
+
+
+class DeliveryError(EventRouterError):
+    """A failed delivery attempt; `retryable` says whether another attempt may succeed."""
+
+    retryable: bool = True
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class RetryableDeliveryError(DeliveryError):
+    """A failure that may pass on a later attempt: a timeout, a full disk, a 503."""
+
+    retryable = True
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A failure that no retry can fix: a rejected payload, a 400, a missing permission."""
+
+    retryable = False

@@ -1,0 +1,360 @@
+"""Pydantic models of the eventrouter.io/v1alpha1 resources.
+
+EventRouter, EventRoute and EventSink are Kubernetes-style documents with
+`apiVersion`, `kind`, `metadata` and `spec`. Field names are camelCase in YAML
+and snake_case in Python. The router reads these models from files, and the
+operator imports the same module, so the schema has one home.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasGenerator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "API_VERSION",
+    "AuthSpec",
+    "BackoffPolicy",
+    "BlackholeSinkSpec",
+    "Duration",
+    "EventRoute",
+    "EventRouteSpec",
+    "EventRouter",
+    "EventRouterSpec",
+    "EventSink",
+    "EventSinkSpec",
+    "FileSinkSpec",
+    "KafkaSinkSpec",
+    "HttpSinkSpec",
+    "LimitsSpec",
+    "LogSinkSpec",
+    "MatchSpec",
+    "ObjectMeta",
+    "PropertyCondition",
+    "QueueSpec",
+    "Resource",
+    "RetryPolicy",
+    "SecretKeyRef",
+    "SecretSource",
+    "parse_duration",
+]
+
+API_VERSION = "eventrouter.io/v1alpha1"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+# A DNS-1123 subdomain, as Kubernetes requires for object names.
+_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+def parse_duration(value: Any) -> float:
+    """Parse "250ms", "5s", "1m", "1h" or a number of seconds into seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 5s or 1m, got a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m or h, e.g. 500ms")
+    if seconds < 0:
+        raise ValueError(f"invalid duration {value!r}: must not be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""A duration in seconds, written in YAML as 500ms, 5s, 1m, 1h or a number."""
+
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=_NAME_PATTERN)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(validation_alias=to_camel, serialization_alias=to_camel),
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The part of Kubernetes object metadata that the router reads; the rest is kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: Name
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class SecretKeyRef(_Model):
+    """One key of a Kubernetes Secret, mounted as a file by the operator."""
+
+    name: Name
+    key: Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class SecretSource(_Model):
+    """Where a secret value comes from: a Secret key, a file, or an environment variable."""
+
+    secret_key_ref: SecretKeyRef | None = None
+    file: str | None = None
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretSource:
+        given = [f for f in ("secret_key_ref", "file", "env") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of secretKeyRef, file or env "
+                f"(got {', '.join(to_camel(g) for g in given) or 'none'})"
+            )
+        return self
+
+
+# --- EventRouter -------------------------------------------------------------
+
+
+class QueueSpec(_Model):
+    """The ring buffer between ingestion and the workers."""
+
+    size: Annotated[int, Field(ge=1, le=4_194_304)] = 65536
+    workers: Annotated[int, Field(ge=1, le=256)] = 8
+    overflow: Literal["dropNewest", "dropOldest", "reject"] = "dropNewest"
+
+
+class AuthSpec(_Model):
+    """Credentials that callers must present; with neither set, the router is open."""
+
+    session_key: SecretSource | None = None
+    api_keys: SecretSource | None = None
+
+
+class LimitsSpec(_Model):
+    """Bounds on what one request and one event may contain."""
+
+    max_request_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 256 * 1024
+    max_batch_events: Annotated[int, Field(ge=1, le=10_000)] = 500
+    max_name_length: Annotated[int, Field(ge=1, le=1024)] = 128
+    max_properties: Annotated[int, Field(ge=0, le=1024)] = 64
+    max_property_key_length: Annotated[int, Field(ge=1, le=1024)] = 128
+    max_property_value_length: Annotated[int, Field(ge=1, le=65536)] = 4096
+
+
+class TracingSpec(_Model):
+    """OpenTelemetry tracing settings; the standard OTEL_* variables also apply."""
+
+    exporter: Literal["none", "otlp", "console"] = "none"
+    endpoint: str | None = None
+    sampling_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+
+
+class AutoscalingSpec(_Model):
+    """A HorizontalPodAutoscaler for the router's Deployment."""
+
+    enabled: bool = False
+    min_replicas: Annotated[int, Field(ge=1, le=1000)] = 1
+    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 4
+    target_cpu_utilization_percentage: Annotated[int, Field(ge=1, le=100)] = 70
+
+
+class EventRouterSpec(_Model):
+    """The desired state of one router."""
+
+    replicas: Annotated[int, Field(ge=0, le=1000)] = 1
+    image: str | None = None
+    queue: QueueSpec = QueueSpec()
+    auth: AuthSpec = AuthSpec()
+    limits: LimitsSpec = LimitsSpec()
+    tracing: TracingSpec = TracingSpec()
+    resources: dict[str, dict[str, str]] | None = None
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+
+
+# --- EventRoute --------------------------------------------------------------
+
+
+class PropertyCondition(_Model):
+    """One test on a property; exactly one operator is set."""
+
+    key: Annotated[str, Field(min_length=1, max_length=1024)]
+    equals: str | None = None
+    in_: Annotated[list[str] | None, Field(alias="in", max_length=1000)] = None
+    exists: bool | None = None
+    prefix: str | None = None
+    at_least: float | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_operator(self) -> PropertyCondition:
+        operators = ("equals", "in_", "exists", "prefix", "at_least")
+        given = [op for op in operators if getattr(self, op) is not None]
+        if len(given) != 1:
+            names = ", ".join(to_camel(op.rstrip("_")) for op in given) or "none"
+            raise ValueError(
+                f"set exactly one of equals, in, exists, prefix or atLeast (got {names})"
+            )
+        return self
+
+
+class MatchSpec(_Model):
+    """Which events a route takes: every listed condition must hold."""
+
+    names: Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(
+        min_length=1, max_length=256
+    )] = ["*"]
+    external: bool | None = None
+    properties: Annotated[list[PropertyCondition], Field(max_length=64)] = []
+
+
+class EventRouteSpec(_Model):
+    """Events of one router that match go to the listed sinks."""
+
+    router: Name
+    match: MatchSpec = MatchSpec()
+    sinks: Annotated[list[Name], Field(min_length=1, max_length=64)]
+
+
+# --- EventSink ---------------------------------------------------------------
+
+
+class BackoffPolicy(_Model):
+    """Delay between delivery attempts."""
+
+    type: Literal["linear", "exponential"] = "exponential"
+    initial: Duration = 0.1
+    max: Duration = 30.0
+    jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+
+    @model_validator(mode="after")
+    def _initial_within_max(self) -> BackoffPolicy:
+        if self.initial > self.max:
+            raise ValueError(f"initial ({self.initial}s) must not exceed max ({self.max}s)")
+        return self
+
+
+class RetryPolicy(_Model):
+    """How often and how fast a failed delivery is attempted again."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    backoff: BackoffPolicy = BackoffPolicy()
+
+
+class LogSinkSpec(_Model):
+    """One JSON line per event on the router's stdout or stderr."""
+
+    stream: Literal["stdout", "stderr"] = "stdout"
+
+
+class FileSinkSpec(_Model):
+    """JSON lines appended to a file, rotated by size."""
+
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    max_bytes: Annotated[int, Field(ge=0)] = 100 * 1024 * 1024
+    max_files: Annotated[int, Field(ge=0, le=1000)] = 5
+    fsync: Literal["never", "batch"] = "batch"
+
+
+class BlackholeSinkSpec(_Model):
+    """Counts events and discards them; for benchmarks and dry runs."""
+
+
+class HttpSinkSpec(_Model):
+    """POSTs events to a webhook. Declared here, delivered by a later release."""
+
+    model_config = ConfigDict(extra="allow")
+
+    url: str
+
+
+class KafkaSinkSpec(_Model):
+    """Produces events to a Kafka topic. Declared here, delivered by a later release."""
+
+    model_config = ConfigDict(extra="allow")
+
+    bootstrap_servers: Annotated[list[str], Field(min_length=1)]
+    topic: str
+
+
+_SINK_TYPES = ("log", "file", "blackhole", "http", "kafka")
+
+
+class EventSinkSpec(_Model):
+    """One destination; exactly one sink type is set."""
+
+    log: LogSinkSpec | None = None
+    file: FileSinkSpec | None = None
+    blackhole: BlackholeSinkSpec | None = None
+    http: HttpSinkSpec | None = None
+    kafka: KafkaSinkSpec | None = None
+    queue_size: Annotated[int, Field(ge=1, le=4_194_304)] = 16384
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1024
+    batch_wait: Duration = 0.0
+    timeout: Duration = 10.0
+    retry: RetryPolicy = RetryPolicy()
+    dead_letter_sink: Name | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_type(self) -> EventSinkSpec:
+        given = [t for t in _SINK_TYPES if getattr(self, t) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"set exactly one sink type of {', '.join(_SINK_TYPES)} "
+                f"(got {', '.join(given) or 'none'})"
+            )
+        return self
+
+    @property
+    def type(self) -> str:
+        """The name of the one sink type that is set."""
+        return next(t for t in _SINK_TYPES if getattr(self, t) is not None)
+
+
+# --- Documents ---------------------------------------------------------------
+
+
+class _Resource(_Model):
+    api_version: Literal["eventrouter.io/v1alpha1"]
+    metadata: ObjectMeta
+    status: dict[str, Any] | None = None
+
+
+class EventRouter(_Resource):
+    """A router: queue, workers, auth and limits."""
+
+    kind: Literal["EventRouter"]
+    spec: EventRouterSpec = EventRouterSpec()
+
+
+class EventRoute(_Resource):
+    """A route from matching events of one router to sinks."""
+
+    kind: Literal["EventRoute"]
+    spec: EventRouteSpec
+
+
+class EventSink(_Resource):
+    """A destination for events."""
+
+    kind: Literal["EventSink"]
+    spec: EventSinkSpec
+
+
+Resource = EventRouter | EventRoute | EventSink
+
+KINDS: dict[str, type[EventRouter] | type[EventRoute] | type[EventSink]] = {
+    "EventRouter": EventRouter,
+    "EventRoute": EventRoute,
+    "EventSink": EventSink,
+}

@@ -1,0 +1,336 @@
+"""`eventrouter serve`: one process with the ingestion and admin servers and the engine.
+
+Signals: SIGTERM and SIGINT stop accepting, drain within the grace period and
+exit; SIGHUP reloads the resource files. The files are also polled for
+changes every `reload_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from eventrouter.admin import AdminApp
+from eventrouter.app import IngestApp
+from eventrouter.auth import Authenticator, read_secret
+from eventrouter.config import RouterConfig, load_config
+from eventrouter.engine import Engine
+from eventrouter.errors import ConfigError, ConfigIssue, DeliveryError
+from eventrouter.logs import configure_logging
+from eventrouter.metrics import Metrics
+from eventrouter.settings import Settings
+
+__all__ = ["Router", "is_loopback", "run"]
+
+logger = logging.getLogger(__name__)
+
+_YAML_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and addresses in 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def build_authenticator(config: RouterConfig, settings: Settings) -> Authenticator:
+    """Read the session key and API keys from settings or the EventRouter's auth block."""
+    auth = config.router.spec.auth
+    session_key: str | None = None
+    if settings.session_key is not None:
+        session_key = settings.session_key.get_secret_value()
+    elif settings.session_key_file is not None:
+        session_key = _read_file(settings.session_key_file, "EVENTROUTER_SESSION_KEY_FILE")
+    elif auth.session_key is not None:
+        session_key = read_secret(auth.session_key, settings.secrets_dir, "spec.auth.sessionKey")
+    api_text: str | None = None
+    if settings.api_keys_file is not None:
+        api_text = _read_file(settings.api_keys_file, "EVENTROUTER_API_KEYS_FILE")
+    elif auth.api_keys is not None:
+        api_text = read_secret(auth.api_keys, settings.secrets_dir, "spec.auth.apiKeys")
+    api_keys = [line.strip() for line in (api_text or "").splitlines() if line.strip()]
+    if session_key is not None and len(session_key) < 16:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "<auth>",
+                    None,
+                    None,
+                    "sessionKey",
+                    "session key is shorter than 16 characters; use the same long random key "
+                    "as the game server's session.encryption_key",
+                )
+            ]
+        )
+    return Authenticator(session_key, api_keys)
+
+
+def _read_file(path: Path, setting: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigIssue(str(path), None, None, setting, f"cannot read file: {exc.strerror}")]
+        ) from exc
+
+
+def check_bind(settings: Settings, authenticator: Authenticator) -> None:
+    """Refuse to listen beyond loopback without authentication."""
+    if not is_loopback(settings.host) and not authenticator.enabled:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "<settings>",
+                    None,
+                    None,
+                    "host",
+                    f"refusing to listen on {settings.host} without authentication: set "
+                    "spec.auth.sessionKey or spec.auth.apiKeys in the EventRouter, or "
+                    "EVENTROUTER_SESSION_KEY_FILE / EVENTROUTER_API_KEYS_FILE, or listen on "
+                    "127.0.0.1",
+                )
+            ]
+        )
+    if not is_loopback(settings.admin_host) and not authenticator.has_api_keys:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "<settings>",
+                    None,
+                    None,
+                    "adminHost",
+                    f"refusing to serve the admin API on {settings.admin_host} without API keys: "
+                    "configure spec.auth.apiKeys (metrics and routes then require X-Api-Key) "
+                    "or listen on 127.0.0.1",
+                )
+            ]
+        )
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the router."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        http="httptools",
+        ws="none",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+class Router:
+    """The running router: engine, apps and servers, with reload and drain."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        config = load_config(settings.config, settings.router)
+        self.authenticator = build_authenticator(config, settings)
+        check_bind(settings, self.authenticator)
+        self.engine = Engine(config, self.metrics, settings.grace_period)
+        self.app = IngestApp(self.engine, self.authenticator, self.metrics)
+        self.admin = AdminApp(self, require_key=not is_loopback(settings.admin_host))
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._fingerprint = self._files_fingerprint()
+
+    # --- reload ------------------------------------------------------------------
+
+    def _files_fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        entries: list[tuple[str, int, int]] = []
+        for raw in self.settings.config:
+            path = Path(raw)
+            files = (
+                [p for p in path.rglob("*") if p.suffix in _YAML_SUFFIXES] if path.is_dir() else [path]
+            )
+            for file in files:
+                try:
+                    stat = file.stat()
+                except OSError:
+                    continue
+                entries.append((str(file), stat.st_mtime_ns, stat.st_size))
+        return tuple(sorted(entries))
+
+    async def reload(self, reason: str) -> bool:
+        """Load the files again and apply them; keep the running configuration on error."""
+        async with self._reload_lock:
+            self._fingerprint = self._files_fingerprint()
+            try:
+                config = load_config(self.settings.config, self.settings.router)
+                authenticator = build_authenticator(config, self.settings)
+                check_bind(self.settings, authenticator)
+                if config.digest == self.engine.config.digest:
+                    self.metrics.reloads.labels("unchanged").inc()
+                    logger.info("configuration unchanged (%s)", reason, extra={"digest": config.digest})
+                    return True
+                await self.engine.reload(config)
+            except ConfigError as exc:
+                self.metrics.reloads.labels("rejected").inc()
+                logger.error(
+                    "configuration rejected (%s); the previous one keeps running:\n%s",
+                    reason,
+                    "\n".join(f"  {issue}" for issue in exc.issues),
+                    extra={"errors": [str(i) for i in exc.issues]},
+                )
+                return False
+            except DeliveryError as exc:
+                self.metrics.reloads.labels("rejected").inc()
+                logger.error(
+                    "configuration rejected (%s): a sink failed to start: %s; "
+                    "the previous configuration keeps running",
+                    reason,
+                    exc,
+                )
+                return False
+            self.authenticator = authenticator
+            self.app.configure(authenticator)
+            self.metrics.reloads.labels("applied").inc()
+            logger.info(
+                "configuration reloaded (%s): %d routes, %d sinks",
+                reason,
+                len(config.routes),
+                len(config.sinks),
+                extra={"digest": config.digest},
+            )
+            return True
+
+    async def _watch_files(self) -> None:
+        interval = self.settings.reload_interval
+        while True:
+            await asyncio.sleep(interval)
+            if self._files_fingerprint() != self._fingerprint:
+                await self.reload("files changed")
+
+    # --- run ---------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; return the process exit status."""
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        try:
+            await self.engine.start()
+        except DeliveryError as exc:
+            logger.error("a sink failed to start: %s", exc)
+            return 1
+        ingest = _Server(_uvicorn_config(self.app, settings.host, settings.port))
+        admin = _Server(_uvicorn_config(self.admin, settings.admin_host, settings.admin_port))
+        admin_task = asyncio.create_task(admin.serve(), name="admin-server")
+        ingest_task = asyncio.create_task(ingest.serve(), name="ingest-server")
+        while not (ingest.started and admin.started):
+            if ingest_task.done() or admin_task.done():
+                logger.error(
+                    "could not listen on %s:%d or %s:%d; is another process using the port?",
+                    settings.host,
+                    settings.port,
+                    settings.admin_host,
+                    settings.admin_port,
+                )
+                ingest.should_exit = admin.should_exit = True
+                await asyncio.gather(ingest_task, admin_task, return_exceptions=True)
+                await self.engine.drain(0)
+                return 1
+            await asyncio.sleep(0.01)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(self.reload("SIGHUP"))
+        )
+        watcher = (
+            asyncio.create_task(self._watch_files(), name="config-watcher")
+            if settings.config and settings.reload_interval > 0
+            else None
+        )
+        logger.info(
+            "router %s listening on %s:%d, admin on %s:%d, auth %s",
+            self.engine.config.name,
+            settings.host,
+            _bound_port(ingest, settings.port),
+            settings.admin_host,
+            _bound_port(admin, settings.admin_port),
+            "on" if self.authenticator.enabled else "off (loopback only)",
+            extra={
+                "router": self.engine.config.name,
+                "port": _bound_port(ingest, settings.port),
+                "admin_port": _bound_port(admin, settings.admin_port),
+                "config": list(self.engine.config.sources),
+            },
+        )
+
+        await self._stop.wait()
+
+        # Stop taking events first, then close the listener and wait for the
+        # requests in progress, then drain what was accepted.
+        logger.info("stopping: draining for up to %.0fs", settings.grace_period)
+        if watcher is not None:
+            watcher.cancel()
+        self.app.accepting = False
+        ingest.should_exit = True
+        await ingest_task
+        lost = await self.engine.drain()
+        admin.should_exit = True
+        await admin_task
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if lost:
+            logger.error("router stopped; %d accepted events were not delivered", lost)
+        else:
+            logger.info("router stopped; every accepted event was delivered")
+        return 0
+
+
+def _bound_port(server: uvicorn.Server, fallback: int) -> int:
+    for listener in getattr(server, "servers", []):
+        for sock in listener.sockets:
+            return int(sock.getsockname()[1])
+    return fallback
+
+
+def run(settings: Settings) -> int:
+    """Run a router in this process until it is stopped; return the exit status."""
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def main() -> int:
+        try:
+            router = Router(settings)
+        except ConfigError as exc:
+            logger.error("cannot start: %s", exc, extra={"errors": [str(i) for i in exc.issues]})
+            return 1
+        return await router.run()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        return asyncio.run(main())
+    return int(uvloop.run(main()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run(Settings()))

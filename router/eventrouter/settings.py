@@ -1,0 +1,43 @@
+"""Process settings: command-line flags, then EVENTROUTER_* variables, then defaults.
+
+Everything about routing lives in the resource files; these settings say where
+to listen, where to find files and secrets, and how to log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Settings of `eventrouter serve`."""
+
+    model_config = SettingsConfigDict(env_prefix="EVENTROUTER_", extra="ignore")
+
+    config: list[str] = Field(default_factory=list)
+    """Resource files or folders; empty runs the embedded default."""
+    router: str | None = None
+    """Which EventRouter of the files to run, when they define several."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=7350, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(default=7351, ge=0, le=65535)
+    session_key: SecretStr | None = None
+    """Session token key; overrides spec.auth.sessionKey."""
+    session_key_file: Path | None = None
+    api_keys_file: Path | None = None
+    """File with one API key per line; overrides spec.auth.apiKeys."""
+    secrets_dir: Path = Path("/var/run/secrets/eventrouter")
+    """Where Secrets named by secretKeyRef are mounted, one folder per Secret."""
+    grace_period: float = Field(default=30.0, ge=0)
+    """Seconds to drain the buffer and sink queues after SIGTERM."""
+    reload_interval: float = Field(default=1.0, ge=0)
+    """Seconds between checks of the -f files for changes; 0 turns watching off."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"

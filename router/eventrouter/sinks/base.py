@@ -1,0 +1,359 @@
+"""The sink protocol and the runner that delivers a sink's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import msgspec
+
+from eventrouter.envelope import DeadLetter, Envelope
+from eventrouter.errors import DeliveryError, RetryableDeliveryError
+from eventrouter.logs import RateLimitedLog
+from eventrouter.metrics import Metrics
+from eventrouter.resources import EventSinkSpec, RetryPolicy
+
+__all__ = ["Sink", "SinkRunner", "backoff_delay"]
+
+logger = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Writes batches of events to one destination.
+
+    `send` raises `DeliveryError` (or a subclass) on failure; its `retryable`
+    attribute decides whether the runner tries again. Any other exception is
+    treated as retryable and logged with its traceback.
+    """
+
+    name: str
+    cancellable: bool
+    """Whether the runner may cancel `send` when the per-attempt timeout expires."""
+
+    async def start(self) -> None: ...
+
+    async def send(self, batch: Sequence[Envelope]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def backoff_delay(policy: RetryPolicy, failed_attempts: int) -> float:
+    """Seconds to wait after the given number of failed attempts."""
+    backoff = policy.backoff
+    if backoff.type == "linear":
+        delay = backoff.initial * failed_attempts
+    else:
+        delay = backoff.initial * (2 ** (failed_attempts - 1))
+    delay = min(delay, backoff.max)
+    if backoff.jitter:
+        delay *= random.uniform(1 - backoff.jitter, 1 + backoff.jitter)
+    return max(0.0, delay)
+
+
+class SinkRunner:
+    """A sink with its bounded queue, batching, retries, dead letters and accounting.
+
+    Every event given to `put` is counted as matched and ends in exactly one of:
+    delivered, dead-lettered, dropped (with a reason), or still in flight (in the
+    queue or in the batch being delivered). When the queue is full, the router's
+    overflow policy applies: `dropNewest` drops the incoming events, `dropOldest`
+    evicts the oldest queued ones, and `reject` makes `put` wait for room, which
+    holds the workers and so fills the ring buffer, where requests get 503.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        spec: EventSinkSpec,
+        sink: Sink,
+        *,
+        overflow: str,
+        metrics: Metrics,
+        find_runner: Callable[[str], SinkRunner | None],
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.sink = sink
+        self.overflow = overflow
+        self.ready = True
+        self.last_error: str | None = None
+        self._metrics = metrics
+        self._find_runner = find_runner
+        self._queue: deque[Envelope] = deque()
+        self._capacity = spec.queue_size
+        self._pending: list[Envelope] = []
+        self._has_items = asyncio.Event()
+        self._has_room = asyncio.Event()
+        self._has_room.set()
+        self._interrupt = asyncio.Event()
+        self._closing = False
+        self._handing_over = False
+        self._task: asyncio.Task[None] | None = None
+        self._successor: SinkRunner | None = None
+        self._handed_over = False
+        self._failures = RateLimitedLog(logger)
+
+        self._matched = metrics.sink_events.labels(name, "matched")
+        self._delivered = metrics.sink_events.labels(name, "delivered")
+        self._dead_lettered = metrics.sink_events.labels(name, "dead_lettered")
+        self._dropped_total = metrics.sink_events.labels(name, "dropped")
+        self._retries = metrics.sink_retries.labels(name)
+        self._latency = metrics.sink_latency.labels(name)
+        metrics.sink_queue_capacity.labels(name).set(self._capacity)
+        metrics.sink_queue_depth.labels(name).set_function(lambda: len(self._queue))
+        metrics.sink_in_flight.labels(name).set_function(self.in_flight)
+        metrics.sink_ready.labels(name).set_function(lambda: 1.0 if self.ready else 0.0)
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.sink.start()
+        self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}")
+
+    def in_flight(self) -> int:
+        return len(self._queue) + len(self._pending)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def hand_over(self, successor: SinkRunner, timeout: float) -> None:
+        """Stop this runner and move every event it has not finished to `successor`.
+
+        An attempt in progress is allowed to finish (up to `timeout`), so an event
+        is never written by both runners; a batch waiting for its next attempt
+        moves without waiting.
+        """
+        self._handing_over = True
+        self._successor = successor
+        self._interrupt.set()
+        self._has_items.set()
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            if not self._task.done():
+                logger.warning(
+                    "sink %s: attempt still running after %.1fs; its batch stays with the old "
+                    "sink and the rest moves",
+                    self.name,
+                    timeout,
+                    extra={"sink": self.name},
+                )
+        leftover = list(self._queue)
+        self._queue.clear()
+        if self._task is not None and self._task.done():
+            leftover = self._pending + leftover
+            self._pending = []
+        successor.take_over(leftover)
+        self._handed_over = True
+        # Wake producers waiting for room; they forward to the successor.
+        self._has_room.set()
+        await self._close_sink(timeout)
+
+    def take_over(self, events: list[Envelope]) -> None:
+        """Put events of a predecessor in front of this queue, already counted as matched."""
+        if events:
+            self._queue.extendleft(reversed(events))
+            self._has_items.set()
+
+    async def stop(self, deadline: float) -> list[Envelope]:
+        """Deliver what is queued until `deadline` (monotonic time); return what is left."""
+        self._closing = True
+        self._has_items.set()
+        if self._task is not None:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), remaining)
+            except TimeoutError:
+                self._interrupt.set()
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        leftover = self._pending + list(self._queue)
+        self._pending = []
+        self._queue.clear()
+        if leftover:
+            self.count_dropped(len(leftover), "shutdown")
+        await self._close_sink(max(0.1, deadline - time.monotonic()))
+        return leftover
+
+    async def _close_sink(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.sink.close(), timeout)
+        except TimeoutError:
+            logger.warning("sink %s did not close within %.1fs", self.name, timeout)
+        except Exception:
+            logger.exception("sink %s failed to close", self.name, extra={"sink": self.name})
+
+    # --- intake ----------------------------------------------------------------
+
+    async def put(self, events: list[Envelope]) -> None:
+        """Queue events for delivery under the overflow policy; see the class docstring."""
+        if self._successor is not None:
+            await self._successor.put(events)
+            return
+        self._matched.inc(len(events))
+        await self._enqueue(events)
+
+    async def _enqueue(self, events: list[Envelope]) -> None:
+        # Events here are already counted as matched.
+        if self._successor is not None:
+            await self._successor._enqueue(events)
+            return
+        free = self._capacity - len(self._queue)
+        if len(events) <= free:
+            self._queue.extend(events)
+        elif self.overflow == "dropNewest":
+            self._queue.extend(events[: max(free, 0)])
+            self.count_dropped(len(events) - max(free, 0), "queue_full")
+        elif self.overflow == "dropOldest":
+            self._queue.extend(events)
+            evicted = len(self._queue) - self._capacity
+            for _ in range(evicted):
+                self._queue.popleft()
+            self.count_dropped(evicted, "queue_full")
+        else:
+            await self._put_waiting(events)
+        self._has_items.set()
+
+    async def _put_waiting(self, events: list[Envelope]) -> None:
+        start = 0
+        while start < len(events):
+            if self._successor is not None:
+                await self._successor._enqueue(events[start:])
+                return
+            free = self._capacity - len(self._queue)
+            if free <= 0:
+                self._has_room.clear()
+                self._has_items.set()
+                await self._has_room.wait()
+                continue
+            self._queue.extend(events[start : start + free])
+            start += free
+            self._has_items.set()
+
+    def count_dropped(self, count: int, reason: str) -> None:
+        self._dropped_total.inc(count)
+        self._metrics.sink_dropped.labels(self.name, reason).inc(count)
+
+    # --- delivery --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        spec = self.spec
+        while True:
+            if not self._queue:
+                if self._closing or self._handing_over:
+                    return
+                self._has_items.clear()
+                await self._has_items.wait()
+                continue
+            if self._handing_over:
+                return
+            if spec.batch_wait > 0 and len(self._queue) < spec.batch_size and not self._closing:
+                # Linger so that a batch can fill; a full batch or shutdown cuts it short.
+                await self._wait_interruptible(spec.batch_wait)
+            count = min(spec.batch_size, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(count)]
+            self._pending = batch
+            self._has_room.set()
+            finished = await self._deliver(batch)
+            if finished:
+                self._pending = []
+            elif self._successor is not None and self._handed_over:
+                # `hand_over` gave up waiting for this attempt and has returned,
+                # so the batch follows the rest of the queue to the successor.
+                self._successor.take_over(self._pending)
+                self._pending = []
+
+    async def _wait_interruptible(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._interrupt.wait(), seconds)
+
+    async def _attempt(self, batch: list[Envelope]) -> DeliveryError | None:
+        try:
+            if self.sink.cancellable:
+                async with asyncio.timeout(self.spec.timeout):
+                    await self.sink.send(batch)
+            else:
+                await self.sink.send(batch)
+        except DeliveryError as exc:
+            return exc
+        except TimeoutError:
+            return RetryableDeliveryError(f"attempt timed out after {self.spec.timeout:g}s")
+        except Exception as exc:
+            logger.exception("sink %s raised an unexpected error", self.name)
+            return RetryableDeliveryError(f"unexpected error: {exc!r}")
+        return None
+
+    async def _deliver(self, batch: list[Envelope]) -> bool:
+        """Deliver one batch with retries; return False when it was left for a successor."""
+        policy = self.spec.retry
+        attempt = 0
+        while True:
+            attempt += 1
+            error = await self._attempt(batch)
+            if error is None:
+                self._record_success(batch)
+                return True
+            self._record_failure(error, attempt, len(batch))
+            if not error.retryable or attempt >= policy.max_attempts:
+                await self._give_up(batch, error, attempt)
+                return True
+            if self._handing_over:
+                return False
+            self._retries.inc(len(batch))
+            await self._wait_interruptible(backoff_delay(policy, attempt))
+            if self._handing_over:
+                return False
+
+    def _record_success(self, batch: list[Envelope]) -> None:
+        now = time.time()
+        self._delivered.inc(len(batch))
+        observe = self._latency.observe
+        for event in batch:
+            observe(max(0.0, now - event.received_at.timestamp()))
+        if not self.ready:
+            logger.info("sink %s is delivering again", self.name, extra={"sink": self.name})
+        self.ready = True
+        self.last_error = None
+
+    def _record_failure(self, error: DeliveryError, attempt: int, size: int) -> None:
+        self.ready = False
+        self.last_error = str(error)
+        self._failures.log(
+            logging.WARNING,
+            f"{self.name}:{type(error).__name__}",
+            "sink %s: attempt %d of %d failed for %d events: %s",
+            self.name,
+            attempt,
+            self.spec.retry.max_attempts,
+            size,
+            error,
+            extra={"sink": self.name, "retryable": error.retryable},
+        )
+
+    async def _give_up(self, batch: list[Envelope], error: DeliveryError, attempts: int) -> None:
+        target_name = self.spec.dead_letter_sink
+        target = self._find_runner(target_name) if target_name else None
+        if target is None:
+            self.count_dropped(len(batch), "delivery_failed")
+            logger.error(
+                "sink %s dropped %d events after %d attempts: %s",
+                self.name,
+                len(batch),
+                attempts,
+                error,
+                extra={"sink": self.name, "event_ids": [e.id for e in batch]},
+            )
+            return
+        letter = DeadLetter(
+            sink=self.name, error=str(error)[:1024], attempts=attempts, status=error.status
+        )
+        self._dead_lettered.inc(len(batch))
+        await target.put([msgspec.structs.replace(e, dead_letter=letter) for e in batch])

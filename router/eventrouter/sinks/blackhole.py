@@ -1,0 +1,25 @@
+"""A sink that discards every event; for benchmarks and dry runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from eventrouter.envelope import Envelope
+
+
+class BlackholeSink:
+    """Accepts every batch and keeps nothing."""
+
+    cancellable = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def start(self) -> None:
+        return None
+
+    async def send(self, batch: Sequence[Envelope]) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
