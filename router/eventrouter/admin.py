@@ -30,8 +30,13 @@ def redacted_config(router: Router) -> dict[str, Any]:
     config = router.engine.config
     return {
         "router": config.router.model_dump(mode="json", by_alias=True, exclude_none=True),
-        "routes": [r.model_dump(mode="json", by_alias=True, exclude_none=True) for r in config.routes],
-        "sinks": [s.model_dump(mode="json", by_alias=True, exclude_none=True) for s in config.sinks.values()],
+        "routes": [
+            r.model_dump(mode="json", by_alias=True, exclude_none=True) for r in config.routes
+        ],
+        "sinks": [
+            s.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for s in config.sinks.values()
+        ],
         "sources": list(config.sources),
         "digest": config.digest,
     }
@@ -80,7 +85,9 @@ class AdminApp:
             else:
                 await _respond(send, 200, _json(redacted_config(self.router)))
         else:
-            await _respond(send, 404, _json({"error": "not_found", "message": f"no endpoint at {path}"}))
+            await _respond(
+                send, 404, _json({"error": "not_found", "message": f"no endpoint at {path}"})
+            )
 
     def _key_ok(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:

@@ -68,19 +68,27 @@ class IngestApp:
         path = scope["path"]
         if path in ("/v2/event", "/v2/events"):
             if scope["method"] != "POST":
-                await _respond(send, 405, _error("method_not_allowed", f"use POST for {path}"),
-                               [(b"allow", b"POST")])
+                await _respond(
+                    send,
+                    405,
+                    _error("method_not_allowed", f"use POST for {path}"),
+                    [(b"allow", b"POST")],
+                )
                 return
             await self._ingest(scope, receive, send, batch=path == "/v2/events")
             return
         await _respond(
-            send, 404, _error("not_found", f"no endpoint at {path}; use POST /v2/event or /v2/events")
+            send,
+            404,
+            _error("not_found", f"no endpoint at {path}; use POST /v2/event or /v2/events"),
         )
 
     async def _ingest(self, scope: Scope, receive: Receive, send: Send, *, batch: bool) -> None:
         try:
             if not self.accepting:
-                raise IngestError(503, "shutting_down", "the router is shutting down; retry on another replica")
+                raise IngestError(
+                    503, "shutting_down", "the router is shutting down; retry on another replica"
+                )
             principal = self._authenticate(scope)
             body = await self._read_body(scope, receive)
             if batch:
@@ -121,7 +129,9 @@ class IngestApp:
                 try:
                     declared = int(value)
                 except ValueError:
-                    raise IngestError(400, "invalid_request", "Content-Length is not a number") from None
+                    raise IngestError(
+                        400, "invalid_request", "Content-Length is not a number"
+                    ) from None
                 if declared > limit:
                     self.metrics.rejected.labels("too_large").inc()
                     raise IngestError(413, "too_large", _too_large(limit, declared))
@@ -131,7 +141,9 @@ class IngestApp:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise IngestError(400, "invalid_request", "client disconnected before sending the body")
+                raise IngestError(
+                    400, "invalid_request", "client disconnected before sending the body"
+                )
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -172,7 +184,8 @@ class IngestApp:
             raise IngestError(
                 503,
                 "overloaded",
-                f"the router's buffer is full; retry after 1 second ({len(envelopes)} events not accepted)",
+                f"the router's buffer is full, so {len(envelopes)} events were not accepted; "
+                "retry after 1 second",
             ) from None
 
     def _accept_one(self, body: bytes, principal: Principal) -> tuple[int, bytes]:
@@ -205,7 +218,9 @@ class IngestApp:
         payload = {
             "accepted": len(events),
             "rejected": len(errors),
-            "errors": [{"index": e.index, "error": "invalid_event", "message": e.message} for e in errors],
+            "errors": [
+                {"index": e.index, "error": "invalid_event", "message": e.message} for e in errors
+            ],
         }
         if dropped:
             payload["dropped"] = dropped

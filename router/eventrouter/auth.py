@@ -50,7 +50,11 @@ def read_secret(source: SecretSource, secrets_dir: Path, field: str) -> str:
         value = os.environ.get(source.env)
         if value is None:
             raise ConfigError(
-                [ConfigIssue("<environment>", None, None, field, f"variable {source.env} is not set")]
+                [
+                    ConfigIssue(
+                        "<environment>", None, None, field, f"variable {source.env} is not set"
+                    )
+                ]
             )
         return value.strip()
     if source.secret_key_ref is not None:

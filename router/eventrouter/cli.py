@@ -30,14 +30,24 @@ def _add_serve(commands: Any) -> None:
         ),
     )
     serve.add_argument(
-        "-f", "--file", dest="config", action="append", metavar="PATH",
+        "-f",
+        "--file",
+        dest="config",
+        action="append",
+        metavar="PATH",
         help="resource file or folder; repeat for more (EVENTROUTER_CONFIG, a JSON list)",
     )
-    serve.add_argument("--router", help="EventRouter to run when the files define several (EVENTROUTER_ROUTER)")
+    serve.add_argument(
+        "--router", help="EventRouter to run when the files define several (EVENTROUTER_ROUTER)"
+    )
     serve.add_argument("--host", help="ingestion address (EVENTROUTER_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="ingestion port (EVENTROUTER_PORT, default 7350)")
-    serve.add_argument("--admin-host", help="admin address (EVENTROUTER_ADMIN_HOST, default 127.0.0.1)")
-    serve.add_argument("--admin-port", type=int, help="admin port (EVENTROUTER_ADMIN_PORT, default 7351)")
+    serve.add_argument(
+        "--admin-host", help="admin address (EVENTROUTER_ADMIN_HOST, default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--admin-port", type=int, help="admin port (EVENTROUTER_ADMIN_PORT, default 7351)"
+    )
     serve.add_argument(
         "--session-key-file", help="file with the session token key (EVENTROUTER_SESSION_KEY_FILE)"
     )
@@ -45,20 +55,24 @@ def _add_serve(commands: Any) -> None:
         "--api-keys-file", help="file with one API key per line (EVENTROUTER_API_KEYS_FILE)"
     )
     serve.add_argument(
-        "--grace-period", type=float,
+        "--grace-period",
+        type=float,
         help="seconds to drain after SIGTERM (EVENTROUTER_GRACE_PERIOD, default 30)",
     )
     serve.add_argument(
-        "--reload-interval", type=float,
+        "--reload-interval",
+        type=float,
         help="seconds between checks of the -f files; 0 turns it off "
         "(EVENTROUTER_RELOAD_INTERVAL, default 1)",
     )
     serve.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="EVENTROUTER_LOG_LEVEL, default INFO",
     )
     serve.add_argument(
-        "--log-format", choices=["auto", "json", "text"],
+        "--log-format",
+        choices=["auto", "json", "text"],
         help="auto is JSON unless stderr is a terminal (EVENTROUTER_LOG_FORMAT)",
     )
 
@@ -70,7 +84,12 @@ def _add_validate(commands: Any) -> None:
         description="Check resource files and print every error with its file, document and field.",
     )
     validate.add_argument(
-        "-f", "--file", dest="config", action="append", metavar="PATH", required=True,
+        "-f",
+        "--file",
+        dest="config",
+        action="append",
+        metavar="PATH",
+        required=True,
         help="resource file or folder; repeat for more",
     )
     validate.add_argument("--router", help="EventRouter to check the routes of")
@@ -84,7 +103,11 @@ def _add_send(commands: Any) -> None:
     )
     send.add_argument("name", help="event name")
     send.add_argument(
-        "-p", "--property", action="append", default=[], metavar="KEY=VALUE",
+        "-p",
+        "--property",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="event property; repeat for more",
     )
     send.add_argument("-n", "--count", type=int, default=1, help="number of events (default 1)")
@@ -111,9 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
     from eventrouter.settings import Settings
 
     flags = {
-        key: value
-        for key, value in vars(args).items()
-        if key != "command" and value is not None
+        key: value for key, value in vars(args).items() if key != "command" and value is not None
     }
     try:
         settings = Settings(**flags)
@@ -170,7 +191,9 @@ def _send(args: argparse.Namespace) -> int:
             with urllib.request.urlopen(request, timeout=10) as response:
                 accepted += json.loads(response.read())["accepted"]
         except urllib.error.HTTPError as exc:
-            print(f"eventrouter: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+            print(
+                f"eventrouter: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr
+            )
             return 1
         except urllib.error.URLError as exc:
             print(f"eventrouter: cannot reach {args.url}: {exc.reason}", file=sys.stderr)

@@ -102,11 +102,15 @@ def _explain(error: Any) -> str:
     return f"{message} (got {error['input']!r})" if "input" in error else message
 
 
-def _validate_document(file: str, index: int, body: Any) -> tuple[Resource | None, list[ConfigIssue]]:
+def _validate_document(
+    file: str, index: int, body: Any
+) -> tuple[Resource | None, list[ConfigIssue]]:
     if not isinstance(body, dict):
         found = type(body).__name__
         return None, [
-            ConfigIssue(file, index, None, "", f"expected a mapping with apiVersion and kind, got {found}")
+            ConfigIssue(
+                file, index, None, "", f"expected a mapping with apiVersion and kind, got {found}"
+            )
         ]
     metadata = body.get("metadata")
     name = metadata.get("name") if isinstance(metadata, dict) else None
@@ -295,9 +299,9 @@ def _check_references(
     pending = list(used)
     while pending:
         name = pending.pop()
-        target = sinks[name].resource
-        assert isinstance(target, EventSink)
-        letter = target.spec.dead_letter_sink
+        source = sinks[name].resource
+        assert isinstance(source, EventSink)
+        letter = source.spec.dead_letter_sink
         if letter and letter in sinks and letter not in used:
             used.add(letter)
             pending.append(letter)

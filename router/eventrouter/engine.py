@@ -321,9 +321,9 @@ class Engine:
                 if leftover:
                     _log_undelivered(f"sink {runner.name}", leftover)
                     lost += len(leftover)
-        for task in list(self._retiring):
+        for retiring in list(self._retiring):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, max(0.1, deadline - time.monotonic()))
+                await asyncio.wait_for(retiring, max(0.1, deadline - time.monotonic()))
         return lost
 
 

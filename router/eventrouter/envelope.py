@@ -143,7 +143,7 @@ class EventDecoder:
                 ),
                 (
                     "properties",
-                    Annotated[dict[key, value], msgspec.Meta(max_length=limits.max_properties)],  # type: ignore[valid-type]
+                    Annotated[dict[key, value], msgspec.Meta(max_length=limits.max_properties)],
                     msgspec.field(default_factory=dict),
                 ),
                 ("timestamp", Annotated[datetime, msgspec.Meta(tz=True)] | None, None),
@@ -166,7 +166,7 @@ class EventDecoder:
         )
         self.event_type: Any = event_type
         self._event = msgspec.json.Decoder(event_type)
-        self._batch = msgspec.json.Decoder(batch_type)
+        self._batch: msgspec.json.Decoder[Any] = msgspec.json.Decoder(batch_type)
 
     def decode_one(self, body: bytes) -> Any:
         """Decode a single event; raise `msgspec.ValidationError` or `DecodeError`."""
@@ -174,7 +174,7 @@ class EventDecoder:
 
     def decode_batch(self, body: bytes) -> tuple[list[Any], list[EventError]]:
         """Decode a batch into its valid events and one error per invalid event."""
-        raws = self._batch.decode(body).events
+        raws: list[msgspec.Raw] = self._batch.decode(body).events
         events: list[Any] = []
         errors: list[EventError] = []
         for index, raw in enumerate(raws):

@@ -34,8 +34,8 @@ __all__ = [
     "EventSink",
     "EventSinkSpec",
     "FileSinkSpec",
-    "KafkaSinkSpec",
     "HttpSinkSpec",
+    "KafkaSinkSpec",
     "LimitsSpec",
     "LogSinkSpec",
     "MatchSpec",
@@ -211,9 +211,10 @@ class PropertyCondition(_Model):
 class MatchSpec(_Model):
     """Which events a route takes: every listed condition must hold."""
 
-    names: Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(
-        min_length=1, max_length=256
-    )] = ["*"]
+    names: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=1024)]],
+        Field(min_length=1, max_length=256),
+    ] = ["*"]
     external: bool | None = None
     properties: Annotated[list[PropertyCondition], Field(max_length=64)] = []
 

@@ -165,7 +165,9 @@ class Router:
         for raw in self.settings.config:
             path = Path(raw)
             files = (
-                [p for p in path.rglob("*") if p.suffix in _YAML_SUFFIXES] if path.is_dir() else [path]
+                [p for p in path.rglob("*") if p.suffix in _YAML_SUFFIXES]
+                if path.is_dir()
+                else [path]
             )
             for file in files:
                 try:
@@ -185,7 +187,9 @@ class Router:
                 check_bind(self.settings, authenticator)
                 if config.digest == self.engine.config.digest:
                     self.metrics.reloads.labels("unchanged").inc()
-                    logger.info("configuration unchanged (%s)", reason, extra={"digest": config.digest})
+                    logger.info(
+                        "configuration unchanged (%s)", reason, extra={"digest": config.digest}
+                    )
                     return True
                 await self.engine.reload(config)
             except ConfigError as exc:
@@ -260,9 +264,7 @@ class Router:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: asyncio.ensure_future(self.reload("SIGHUP"))
-        )
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload("SIGHUP")))
         watcher = (
             asyncio.create_task(self._watch_files(), name="config-watcher")
             if settings.config and settings.reload_interval > 0

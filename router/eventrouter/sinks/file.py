@@ -9,6 +9,7 @@ router but not of the machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -93,10 +94,8 @@ class FileSink:
 
     def _close_file(self) -> None:
         if self._file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._file.close()
-            except OSError:
-                pass
             self._file = None
 
     async def close(self) -> None:
