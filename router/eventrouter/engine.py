@@ -20,13 +20,13 @@ from eventrouter.envelope import Envelope
 from eventrouter.metrics import Metrics
 from eventrouter.routing import RouteTable
 from eventrouter.sinks import SinkRunner, build_sink
+from eventrouter.sinks.base import log_undelivered
 
 __all__ = ["Engine", "Overloaded", "RingBuffer"]
 
 logger = logging.getLogger(__name__)
 
 _WORKER_BATCH = 256
-_LOGGED_IDS_PER_LINE = 1000
 
 
 class Overloaded(Exception):
@@ -247,8 +247,17 @@ class Engine:
             self._unmatched.inc(unmatched)
         for route, count in route_counts.items():
             self.metrics.route_matches.labels(route).inc(count)
-        for sink, events in per_sink.items():
-            await active.runners[sink].put(events)
+        pending = list(per_sink.items())
+        for index, (sink, events) in enumerate(pending):
+            try:
+                await active.runners[sink].put(events)
+            except asyncio.CancelledError:
+                # Shutdown cancelled this worker while a sink queue was full; the
+                # sinks it had not reached yet count their events as dropped.
+                for later, rest in pending[index + 1 :]:
+                    active.runners[later].discard(rest, "shutdown")
+                    log_undelivered(f"sink {later}", rest)
+                raise
 
     # --- reload ------------------------------------------------------------------
 
@@ -283,7 +292,7 @@ class Engine:
     def _retired(self, task: asyncio.Task[list[Envelope]]) -> None:
         self._retiring.discard(task)
         if not task.cancelled() and task.exception() is None and task.result():
-            _log_undelivered("removed sink", task.result())
+            log_undelivered("removed sink", task.result())
 
     # --- shutdown ----------------------------------------------------------------
 
@@ -310,7 +319,7 @@ class Engine:
         left = self.buffer.clear()
         if left:
             self.metrics.buffer_dropped.labels("shutdown").inc(len(left))
-            _log_undelivered("ring buffer", left)
+            log_undelivered("ring buffer", left)
             lost += len(left)
 
         # Sinks stop in dependency order: a dead-letter sink after the sinks
@@ -319,7 +328,7 @@ class Engine:
             results = await asyncio.gather(*(r.stop(deadline) for r in layer))
             for runner, leftover in zip(layer, results, strict=True):
                 if leftover:
-                    _log_undelivered(f"sink {runner.name}", leftover)
+                    log_undelivered(f"sink {runner.name}", leftover)
                     lost += len(leftover)
         for retiring in list(self._retiring):
             with contextlib.suppress(Exception):
@@ -347,14 +356,3 @@ def _stop_order(runners: dict[str, SinkRunner]) -> list[list[SinkRunner]]:
     for name, runner in runners.items():
         layers.setdefault(depth[name], []).append(runner)
     return [layers[k] for k in sorted(layers)]
-
-
-def _log_undelivered(where: str, events: list[Envelope]) -> None:
-    for start in range(0, len(events), _LOGGED_IDS_PER_LINE):
-        chunk = events[start : start + _LOGGED_IDS_PER_LINE]
-        logger.error(
-            "%s: %d events not delivered before the grace period ended",
-            where,
-            len(chunk),
-            extra={"event_ids": [e.id for e in chunk]},
-        )

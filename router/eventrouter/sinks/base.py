@@ -19,9 +19,23 @@ from eventrouter.logs import RateLimitedLog
 from eventrouter.metrics import Metrics
 from eventrouter.resources import EventSinkSpec, RetryPolicy
 
-__all__ = ["Sink", "SinkRunner", "backoff_delay"]
+__all__ = ["Sink", "SinkRunner", "backoff_delay", "log_undelivered"]
 
 logger = logging.getLogger(__name__)
+
+_LOGGED_IDS_PER_LINE = 1000
+
+
+def log_undelivered(where: str, events: Sequence[Envelope]) -> None:
+    """Log the ids of events that will not be delivered, at most 1,000 per line."""
+    for start in range(0, len(events), _LOGGED_IDS_PER_LINE):
+        chunk = events[start : start + _LOGGED_IDS_PER_LINE]
+        logger.error(
+            "%s: %d events not delivered before the grace period ended",
+            where,
+            len(chunk),
+            extra={"event_ids": [e.id for e in chunk]},
+        )
 
 
 class Sink(Protocol):
@@ -224,19 +238,30 @@ class SinkRunner:
 
     async def _put_waiting(self, events: list[Envelope]) -> None:
         start = 0
-        while start < len(events):
-            if self._successor is not None:
-                await self._successor._enqueue(events[start:])
-                return
-            free = self._capacity - len(self._queue)
-            if free <= 0:
-                self._has_room.clear()
+        try:
+            while start < len(events):
+                if self._successor is not None:
+                    await self._successor._enqueue(events[start:])
+                    return
+                free = self._capacity - len(self._queue)
+                if free <= 0:
+                    self._has_room.clear()
+                    self._has_items.set()
+                    await self._has_room.wait()
+                    continue
+                self._queue.extend(events[start : start + free])
+                start += free
                 self._has_items.set()
-                await self._has_room.wait()
-                continue
-            self._queue.extend(events[start : start + free])
-            start += free
-            self._has_items.set()
+        except asyncio.CancelledError:
+            # Shutdown cancelled the worker while it waited for room.
+            self.count_dropped(len(events) - start, "shutdown")
+            log_undelivered(f"sink {self.name}", events[start:])
+            raise
+
+    def discard(self, events: list[Envelope], reason: str) -> None:
+        """Count events that were matched for this sink but never reached its queue."""
+        self._matched.inc(len(events))
+        self.count_dropped(len(events), reason)
 
     def count_dropped(self, count: int, reason: str) -> None:
         self._dropped_total.inc(count)
