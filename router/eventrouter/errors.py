@@ -14,6 +14,7 @@ Whether a delivery failure is worth another attempt is a property of its type
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -76,12 +77,27 @@ class IngestError(EventRouterError):
 
 
 class DeliveryError(EventRouterError):
-    """A failed delivery attempt; `retryable` says whether another attempt may succeed."""
+    """A failed delivery attempt; `retryable` says whether another attempt may succeed.
+
+    `status` is the remote status code, if there was one. `retry_after` is the
+    delay in seconds that the remote asked for. `failed` lists the positions in
+    the batch of the events that failed; None means the whole batch, and the
+    others count as delivered.
+    """
 
     retryable: bool = True
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        failed: Sequence[int] | None = None,
+    ) -> None:
         self.status = status
+        self.retry_after = retry_after
+        self.failed = failed
         super().__init__(message)
 
 

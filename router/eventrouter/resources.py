@@ -250,6 +250,8 @@ class RetryPolicy(_Model):
 
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     backoff: BackoffPolicy = BackoffPolicy()
+    max_retry_after: Duration = 60.0
+    """Cap on a delay that the remote asks for with Retry-After."""
 
 
 class LogSinkSpec(_Model):

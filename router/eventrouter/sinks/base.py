@@ -317,7 +317,11 @@ class SinkRunner:
         return None
 
     async def _deliver(self, batch: list[Envelope]) -> bool:
-        """Deliver one batch with retries; return False when it was left for a successor."""
+        """Deliver one batch with retries; return False when it was left for a successor.
+
+        When an attempt fails for part of the batch only, the rest counts as
+        delivered and the next attempt carries the failed part.
+        """
         policy = self.spec.retry
         attempt = 0
         while True:
@@ -326,6 +330,13 @@ class SinkRunner:
             if error is None:
                 self._record_success(batch)
                 return True
+            if error.failed is not None:
+                failed = set(error.failed)
+                self._record_success([e for i, e in enumerate(batch) if i not in failed])
+                batch = [e for i, e in enumerate(batch) if i in failed]
+                self._pending = batch
+                if not batch:
+                    return True
             self._record_failure(error, attempt, len(batch))
             if not error.retryable or attempt >= policy.max_attempts:
                 await self._give_up(batch, error, attempt)
@@ -333,7 +344,10 @@ class SinkRunner:
             if self._handing_over:
                 return False
             self._retries.inc(len(batch))
-            await self._wait_interruptible(backoff_delay(policy, attempt))
+            delay = backoff_delay(policy, attempt)
+            if error.retry_after is not None:
+                delay = max(delay, min(error.retry_after, policy.max_retry_after))
+            await self._wait_interruptible(delay)
             if self._handing_over:
                 return False
 
