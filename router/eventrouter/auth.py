@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import jwt
 
-from eventrouter.errors import AuthError, ConfigError, ConfigIssue
-from eventrouter.resources import SecretSource
+from eventrouter.errors import AuthError
 
-__all__ = ["Authenticator", "Principal", "read_secret"]
+__all__ = ["Authenticator", "Principal"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,41 +39,6 @@ class Principal:
 
 ANONYMOUS = Principal()
 SERVER = Principal(server=True)
-
-
-def read_secret(source: SecretSource, secrets_dir: Path, field: str) -> str:
-    """Read a secret value from its file, Secret mount or variable; raise `ConfigError`."""
-    if source.env is not None:
-        value = os.environ.get(source.env)
-        if value is None:
-            raise ConfigError(
-                [
-                    ConfigIssue(
-                        "<environment>", None, None, field, f"variable {source.env} is not set"
-                    )
-                ]
-            )
-        return value.strip()
-    if source.secret_key_ref is not None:
-        ref = source.secret_key_ref
-        path = secrets_dir / ref.name / ref.key
-    else:
-        assert source.file is not None
-        path = Path(source.file)
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(
-            [
-                ConfigIssue(
-                    str(path),
-                    None,
-                    None,
-                    field,
-                    f"cannot read secret file: {exc.strerror}; mount the Secret or fix the path",
-                )
-            ]
-        ) from exc
 
 
 class Authenticator:

@@ -145,14 +145,19 @@ def _validate_document(
 
 
 def _parse_text(file: str, text: str) -> tuple[list[tuple[int, Any]], list[ConfigIssue]]:
+    # Documents before a syntax error are kept, so that references to them do
+    # not show up as "not found", and the error names the document that failed.
+    bodies: list[Any] = []
+    issues: list[ConfigIssue] = []
     try:
-        bodies = list(yaml.safe_load_all(text))
+        for body in yaml.safe_load_all(text):
+            bodies.append(body)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        return [], [ConfigIssue(file, None, None, "", f"invalid YAML{where}: {problem}")]
-    return [(i, body) for i, body in enumerate(bodies) if body is not None], []
+        issues.append(ConfigIssue(file, len(bodies), None, "", f"invalid YAML{where}: {problem}"))
+    return [(i, body) for i, body in enumerate(bodies) if body is not None], issues
 
 
 def load_documents(

@@ -14,12 +14,13 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 from eventrouter.config import RouterConfig
 from eventrouter.envelope import Envelope
 from eventrouter.metrics import Metrics
 from eventrouter.routing import RouteTable
-from eventrouter.sinks import SinkRunner, build_sink
+from eventrouter.sinks import DEFAULT_SECRETS_DIR, SinkRunner, build_sink
 from eventrouter.sinks.base import log_undelivered
 
 __all__ = ["Engine", "Overloaded", "RingBuffer"]
@@ -114,8 +115,15 @@ class _Active:
 class Engine:
     """Ring buffer, workers and sinks of one router."""
 
-    def __init__(self, config: RouterConfig, metrics: Metrics, grace_period: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        metrics: Metrics,
+        grace_period: float = 30.0,
+        secrets_dir: Path = DEFAULT_SECRETS_DIR,
+    ) -> None:
         queue = config.router.spec.queue
+        self.secrets_dir = secrets_dir
         self.metrics = metrics
         self.grace_period = grace_period
         self.buffer = RingBuffer(queue.size, queue.overflow, metrics)
@@ -162,7 +170,7 @@ class Engine:
         return SinkRunner(
             name,
             resource.spec,
-            build_sink(resource),
+            build_sink(resource, self.secrets_dir),
             overflow=config.router.spec.queue.overflow,
             metrics=self.metrics,
             find_runner=self.find_runner,

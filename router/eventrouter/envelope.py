@@ -200,7 +200,7 @@ def describe_decode_error(exc: msgspec.DecodeError, prefix: str = "") -> str:
         path = f"{path}.{match.group(1)}" if path else match.group(1)
         text = "required field is missing"
     path = path.removeprefix("$").lstrip(".").replace("[...]", "")
-    if path == "properties" and text.startswith("Expected `str`"):
+    if path == "properties" and text.startswith("Expected `str`, got"):
         text += "; property values must be strings, so send numbers and booleans as text"
     location = ".".join(p for p in (prefix, path) if p).replace(".[", "[")
     return f"{location}: {text}" if location else text

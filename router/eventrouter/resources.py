@@ -34,6 +34,7 @@ __all__ = [
     "EventSink",
     "EventSinkSpec",
     "FileSinkSpec",
+    "HmacSignature",
     "HttpSinkSpec",
     "KafkaSinkSpec",
     "LimitsSpec",
@@ -44,6 +45,7 @@ __all__ = [
     "QueueSpec",
     "Resource",
     "RetryPolicy",
+    "SecretHeader",
     "SecretKeyRef",
     "SecretSource",
     "parse_duration",
@@ -273,12 +275,69 @@ class BlackholeSinkSpec(_Model):
     """Counts events and discards them; for benchmarks and dry runs."""
 
 
+StatusPattern = Annotated[
+    int | str,
+    Field(description="a status code such as 429, or a class such as 5xx"),
+]
+
+
+def _check_status_patterns(patterns: list[int | str], field: str) -> None:
+    for pattern in patterns:
+        if isinstance(pattern, int):
+            if not 100 <= pattern <= 599:
+                raise ValueError(f"{field}: {pattern} is not an HTTP status code (100 to 599)")
+        elif not re.fullmatch(r"[1-5]xx", pattern):
+            raise ValueError(f"{field}: {pattern!r} is neither a status code nor a class like 5xx")
+
+
+class SecretHeader(_Model):
+    """A request header whose value comes from a secret, e.g. an API token."""
+
+    name: Annotated[
+        str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    ]
+    value_from: SecretSource
+    prefix: Annotated[str, Field(max_length=64)] = ""
+    """Text put before the secret, such as "Bearer "."""
+
+
+class HmacSignature(_Model):
+    """An HMAC-SHA256 signature of each request, so the receiver can verify the sender.
+
+    The signed text is the Unix timestamp, a dot, and the body; the timestamp is
+    sent in `timestampHeader` so that receivers can refuse replays.
+    """
+
+    secret: SecretSource
+    header: Annotated[str, Field(min_length=1, max_length=256)] = "X-Eventrouter-Signature"
+    timestamp_header: Annotated[str, Field(min_length=1, max_length=256)] = (
+        "X-Eventrouter-Timestamp"
+    )
+
+
 class HttpSinkSpec(_Model):
-    """POSTs events to a webhook. Declared here, delivered by a later release."""
+    """Events sent to an HTTP endpoint: one per request, a JSON array, or NDJSON."""
 
-    model_config = ConfigDict(extra="allow")
+    url: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^https?://")]
+    method: Literal["POST", "PUT", "PATCH"] = "POST"
+    headers: Annotated[dict[str, str], Field(max_length=64)] = {}
+    secret_headers: Annotated[list[SecretHeader], Field(max_length=16)] = []
+    format: Literal["json", "array", "ndjson"] = "json"
+    """json: one event per request; array: a JSON array per batch; ndjson: one line per event."""
+    success_status: Annotated[list[StatusPattern], Field(min_length=1, max_length=64)] = ["2xx"]
+    retryable_status: Annotated[list[StatusPattern], Field(max_length=64)] = [408, 429, "5xx"]
+    signature: HmacSignature | None = None
+    max_connections: Annotated[int, Field(ge=1, le=1024)] = 16
+    tls_insecure_skip_verify: bool = False
 
-    url: str
+    @model_validator(mode="after")
+    def _check_statuses(self) -> HttpSinkSpec:
+        _check_status_patterns(self.success_status, "successStatus")
+        _check_status_patterns(self.retryable_status, "retryableStatus")
+        for header in self.headers:
+            if header.lower() in {h.name.lower() for h in self.secret_headers}:
+                raise ValueError(f"header {header!r} is set in both headers and secretHeaders")
+        return self
 
 
 class KafkaSinkSpec(_Model):

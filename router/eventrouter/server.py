@@ -20,12 +20,13 @@ import uvicorn
 
 from eventrouter.admin import AdminApp
 from eventrouter.app import IngestApp
-from eventrouter.auth import Authenticator, read_secret
+from eventrouter.auth import Authenticator
 from eventrouter.config import RouterConfig, load_config
 from eventrouter.engine import Engine
 from eventrouter.errors import ConfigError, ConfigIssue, DeliveryError
 from eventrouter.logs import configure_logging
 from eventrouter.metrics import Metrics
+from eventrouter.secretfiles import read_secret
 from eventrouter.settings import Settings
 
 __all__ = ["Router", "is_loopback", "run"]
@@ -151,7 +152,7 @@ class Router:
         config = load_config(settings.config, settings.router)
         self.authenticator = build_authenticator(config, settings)
         check_bind(settings, self.authenticator)
-        self.engine = Engine(config, self.metrics, settings.grace_period)
+        self.engine = Engine(config, self.metrics, settings.grace_period, settings.secrets_dir)
         self.app = IngestApp(self.engine, self.authenticator, self.metrics)
         self.admin = AdminApp(self, require_key=not is_loopback(settings.admin_host))
         self._stop = asyncio.Event()

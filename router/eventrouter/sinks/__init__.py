@@ -8,20 +8,27 @@ accounting of every event it was given.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from eventrouter.errors import ConfigError, ConfigIssue
 from eventrouter.resources import EventSink
 from eventrouter.sinks.base import Sink, SinkRunner
 from eventrouter.sinks.blackhole import BlackholeSink
 from eventrouter.sinks.file import FileSink
+from eventrouter.sinks.http import HttpSink
 from eventrouter.sinks.log import LogSink
 
-__all__ = ["Sink", "SinkRunner", "build_sink"]
+__all__ = ["DEFAULT_SECRETS_DIR", "Sink", "SinkRunner", "build_sink"]
+
+DEFAULT_SECRETS_DIR = Path("/var/run/secrets/eventrouter")
 
 
-def build_sink(resource: EventSink) -> Sink:
+def build_sink(resource: EventSink, secrets_dir: Path = DEFAULT_SECRETS_DIR) -> Sink:
     """Create the sink that an EventSink resource describes; raise `ConfigError`."""
     spec = resource.spec
     name = resource.metadata.name
+    if spec.http is not None:
+        return HttpSink(name, spec.http, secrets_dir)
     if spec.log is not None:
         return LogSink(name, spec.log)
     if spec.file is not None:
@@ -36,7 +43,7 @@ def build_sink(resource: EventSink) -> Sink:
                 name,
                 f"spec.{spec.type}",
                 f"sink type {spec.type!r} is not supported by this version of the router; "
-                "use log, file or blackhole",
+                "use log, file, http or blackhole",
             )
         ]
     )
