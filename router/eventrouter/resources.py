@@ -36,7 +36,9 @@ __all__ = [
     "FileSinkSpec",
     "HmacSignature",
     "HttpSinkSpec",
+    "KafkaSasl",
     "KafkaSinkSpec",
+    "KafkaTls",
     "LimitsSpec",
     "LogSinkSpec",
     "MatchSpec",
@@ -340,13 +342,73 @@ class HttpSinkSpec(_Model):
         return self
 
 
+class KafkaTls(_Model):
+    """TLS to the brokers; each file is PEM, from a Secret mount or a path."""
+
+    ca: SecretSource | None = None
+    """CA bundle to verify the brokers; the system's CAs when unset."""
+    cert: SecretSource | None = None
+    key: SecretSource | None = None
+    insecure_skip_verify: bool = False
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> KafkaTls:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("set both cert and key for client authentication, or neither")
+        return self
+
+
+class KafkaSasl(_Model):
+    """SASL authentication to the brokers."""
+
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    username: Annotated[str, Field(min_length=1, max_length=256)]
+    password: SecretSource
+
+
 class KafkaSinkSpec(_Model):
-    """Produces events to a Kafka topic. Declared here, delivered by a later release."""
+    """Events produced to Kafka with aiokafka, one record per event.
 
-    model_config = ConfigDict(extra="allow")
+    `topic` and `key` are templates: `{name}`, `{user_id}`, `{username}`,
+    `{session_id}`, `{router}`, `{id}` and `{properties.KEY}` are replaced with
+    the event's values. Characters not allowed in topic names become `_`.
+    """
 
-    bootstrap_servers: Annotated[list[str], Field(min_length=1)]
-    topic: str
+    bootstrap_servers: Annotated[
+        list[Annotated[str, Field(min_length=3, max_length=512, pattern=r"^[^\s:]+:\d+$")]],
+        Field(min_length=1, max_length=32),
+    ]
+    topic: Annotated[str, Field(min_length=1, max_length=512)]
+    key: Annotated[str | None, Field(max_length=512)] = None
+    acks: Literal[0, 1, "all"] = "all"
+    idempotence: bool = True
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    linger: Duration = 0.005
+    batch_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
+    request_timeout: Duration = 10.0
+    headers: Annotated[dict[str, str], Field(max_length=32)] = {}
+    """Static headers added to every record, beside eventrouter-id and eventrouter-name."""
+    tls: KafkaTls | None = None
+    sasl: KafkaSasl | None = None
+
+    @model_validator(mode="after")
+    def _idempotence_needs_all(self) -> KafkaSinkSpec:
+        if self.idempotence and self.acks != "all":
+            raise ValueError(
+                "idempotence requires acks: all; set idempotence: false to use acks 0 or 1"
+            )
+        for template in (self.topic, self.key or ""):
+            for field in re.findall(r"\{([^}]*)\}", template):
+                if field not in _TEMPLATE_FIELDS and not field.startswith("properties."):
+                    raise ValueError(
+                        f"unknown template field {{{field}}}; use one of "
+                        f"{', '.join('{' + f + '}' for f in sorted(_TEMPLATE_FIELDS))} "
+                        "or {properties.KEY}"
+                    )
+        return self
+
+
+_TEMPLATE_FIELDS = frozenset({"name", "user_id", "username", "session_id", "router", "id"})
 
 
 _SINK_TYPES = ("log", "file", "blackhole", "http", "kafka")

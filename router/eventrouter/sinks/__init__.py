@@ -16,6 +16,7 @@ from eventrouter.sinks.base import Sink, SinkRunner
 from eventrouter.sinks.blackhole import BlackholeSink
 from eventrouter.sinks.file import FileSink
 from eventrouter.sinks.http import HttpSink
+from eventrouter.sinks.kafka import KafkaSink
 from eventrouter.sinks.log import LogSink
 
 __all__ = ["DEFAULT_SECRETS_DIR", "Sink", "SinkRunner", "build_sink"]
@@ -29,6 +30,8 @@ def build_sink(resource: EventSink, secrets_dir: Path = DEFAULT_SECRETS_DIR) -> 
     name = resource.metadata.name
     if spec.http is not None:
         return HttpSink(name, spec.http, secrets_dir)
+    if spec.kafka is not None:
+        return KafkaSink(name, spec.kafka, secrets_dir)
     if spec.log is not None:
         return LogSink(name, spec.log)
     if spec.file is not None:

@@ -1,0 +1,243 @@
+"""A sink that produces events to Kafka with aiokafka.
+
+The producer is created lazily inside a delivery attempt, so a broker that is
+down at start-up makes the sink not ready instead of stopping the router. After
+an attempt that timed out or lost the connection, the next attempt starts a new
+producer: a fresh client re-reads the cluster metadata from the bootstrap
+servers, which recovers from a broker restart on a new address or a client
+stuck on stale metadata.
+
+Delivery is at least once: when an attempt times out, records that aiokafka
+had already sent may be sent again by the retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import ssl
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
+
+from eventrouter.envelope import Envelope, encode_envelope
+from eventrouter.errors import (
+    ConfigError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+)
+from eventrouter.resources import KafkaSinkSpec, SecretSource
+from eventrouter.secretfiles import read_secret
+
+__all__ = ["KafkaSink", "compile_template"]
+
+logger = logging.getLogger(__name__)
+
+_FIELD = re.compile(r"\{([^}]*)\}")
+_TOPIC_INVALID = re.compile(r"[^a-zA-Z0-9._-]")
+_MAX_TOPIC = 249
+
+Template = Callable[[Envelope], str]
+
+
+def compile_template(template: str) -> Template:
+    """Turn "game.{name}" or "{properties.platform}" into a function of an envelope."""
+    parts: list[str | Callable[[Envelope], str]] = []
+    position = 0
+    for match in _FIELD.finditer(template):
+        parts.append(template[position : match.start()])
+        field = match.group(1)
+        if field.startswith("properties."):
+            parts.append(_property_getter(field.removeprefix("properties.")))
+        else:
+            parts.append(_field_getter(field))
+        position = match.end()
+    parts.append(template[position:])
+    constant = [p for p in parts if p]
+    if all(isinstance(p, str) for p in constant):
+        text = "".join(p for p in constant if isinstance(p, str))
+        return lambda e: text
+    return lambda e: "".join(p if isinstance(p, str) else p(e) for p in constant)
+
+
+def _property_getter(key: str) -> Template:
+    return lambda event: event.properties.get(key, "")
+
+
+def _field_getter(field: str) -> Template:
+    return lambda event: str(getattr(event, field) or "")
+
+
+def _secret_path(source: SecretSource, secrets_dir: Path, field: str) -> str:
+    """A file path for a PEM secret; values from a variable go to a private temp file."""
+    if source.file is not None:
+        return source.file
+    if source.secret_key_ref is not None:
+        return str(secrets_dir / source.secret_key_ref.name / source.secret_key_ref.key)
+    value = read_secret(source, secrets_dir, field)
+    handle, path = tempfile.mkstemp(prefix="eventrouter-", suffix=".pem")
+    with os.fdopen(handle, "w") as file:
+        file.write(value)
+    return path
+
+
+class KafkaSink:
+    """Produces one record per event; topic and key come from templates."""
+
+    cancellable = True
+
+    def __init__(self, name: str, spec: KafkaSinkSpec, secrets_dir: Path) -> None:
+        self.name = name
+        self._spec = spec
+        self._secrets_dir = secrets_dir
+        self._topic = compile_template(spec.topic)
+        self._key = compile_template(spec.key) if spec.key else None
+        self._static_headers = [(k, v.encode()) for k, v in spec.headers.items()]
+        self._producer: AIOKafkaProducer | None = None
+        self._stale = False
+
+    async def start(self) -> None:
+        # Connecting waits for the first attempt, so that a broker that is down
+        # does not keep the router from starting.
+        return None
+
+    def _producer_options(self) -> dict[str, Any]:
+        spec = self._spec
+        options: dict[str, Any] = {
+            "bootstrap_servers": spec.bootstrap_servers,
+            "client_id": f"eventrouter-{self.name}",
+            "acks": spec.acks,
+            "enable_idempotence": spec.idempotence,
+            "compression_type": None if spec.compression == "none" else spec.compression,
+            "linger_ms": int(spec.linger * 1000),
+            "max_batch_size": spec.batch_bytes,
+            "request_timeout_ms": max(1, int(spec.request_timeout * 1000)),
+            "retry_backoff_ms": 100,
+            # Re-read metadata often enough that partition leaders that moved
+            # during a broker restart are found without waiting five minutes.
+            "metadata_max_age_ms": 30_000,
+        }
+        context: ssl.SSLContext | None = None
+        if spec.tls is not None:
+            tls = spec.tls
+            context = create_ssl_context(
+                cafile=_secret_path(tls.ca, self._secrets_dir, "tls.ca") if tls.ca else None,
+                certfile=(
+                    _secret_path(tls.cert, self._secrets_dir, "tls.cert") if tls.cert else None
+                ),
+                keyfile=_secret_path(tls.key, self._secrets_dir, "tls.key") if tls.key else None,
+            )
+            if tls.insecure_skip_verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            options["ssl_context"] = context
+            options["security_protocol"] = "SSL"
+        if spec.sasl is not None:
+            options["security_protocol"] = "SASL_SSL" if context else "SASL_PLAINTEXT"
+            options["sasl_mechanism"] = spec.sasl.mechanism
+            options["sasl_plain_username"] = spec.sasl.username
+            options["sasl_plain_password"] = read_secret(
+                spec.sasl.password, self._secrets_dir, "sasl.password"
+            )
+        return options
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        if self._producer is not None and not self._stale:
+            return self._producer
+        if self._producer is not None:
+            old, self._producer = self._producer, None
+            logger.info("sink %s: replacing the Kafka producer after a failed attempt", self.name)
+            # Stopping flushes what the old producer still holds; bounded, and
+            # in the background so that this attempt's timeout is not spent on it.
+            task = asyncio.create_task(_stop_quietly(old, self._spec.request_timeout))
+            task.add_done_callback(lambda t: None)
+        try:
+            options = self._producer_options()
+        except ConfigError as exc:
+            raise RetryableDeliveryError(f"secret is missing: {exc.issues[0].message}") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise PermanentDeliveryError(f"invalid TLS files: {exc}") from exc
+        producer = AIOKafkaProducer(**options)
+        try:
+            await producer.start()
+        except BaseException as exc:
+            await _stop_quietly(producer, 1.0)
+            if isinstance(exc, KafkaError):
+                raise RetryableDeliveryError(
+                    f"cannot connect to {','.join(self._spec.bootstrap_servers)}: {exc}"
+                ) from exc
+            raise
+        self._producer = producer
+        self._stale = False
+        return producer
+
+    def _topic_for(self, event: Envelope) -> str:
+        topic = _TOPIC_INVALID.sub("_", self._topic(event))[:_MAX_TOPIC]
+        return topic or "_"
+
+    def _headers_for(self, event: Envelope) -> list[tuple[str, bytes]]:
+        headers = [
+            ("eventrouter-id", event.id.encode()),
+            ("eventrouter-name", event.name.encode()),
+            *self._static_headers,
+        ]
+        if event.traceparent:
+            headers.append(("traceparent", event.traceparent.encode()))
+        return headers
+
+    async def send(self, batch: Sequence[Envelope]) -> None:
+        try:
+            producer = await self._ensure_producer()
+            futures = []
+            for event in batch:
+                key = self._key(event).encode() if self._key else None
+                futures.append(
+                    await producer.send(
+                        self._topic_for(event),
+                        encode_envelope(event),
+                        key=key or None,
+                        headers=self._headers_for(event),
+                    )
+                )
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        except asyncio.CancelledError:
+            # The runner's per-attempt timeout: the connection may be dead.
+            self._stale = True
+            raise
+        except KafkaError as exc:
+            self._stale = True
+            raise _delivery_error(exc, None) from exc
+        failed = [i for i, result in enumerate(results) if isinstance(result, BaseException)]
+        if failed:
+            first = results[failed[0]]
+            assert isinstance(first, BaseException)
+            if isinstance(first, KafkaError) and first.retriable:
+                self._stale = True
+            raise _delivery_error(first, None if len(failed) == len(batch) else failed)
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await _stop_quietly(producer, self._spec.request_timeout)
+
+
+def _delivery_error(
+    exc: BaseException, failed: list[int] | None
+) -> RetryableDeliveryError | PermanentDeliveryError:
+    message = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, KafkaError) and not exc.retriable:
+        return PermanentDeliveryError(message, failed=failed)
+    return RetryableDeliveryError(message, failed=failed)
+
+
+async def _stop_quietly(producer: AIOKafkaProducer, timeout: float) -> None:
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(producer.stop(), timeout)
