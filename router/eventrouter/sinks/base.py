@@ -185,7 +185,9 @@ class SinkRunner:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), remaining)
             except TimeoutError:
-                self._interrupt.set()
+                # Cancel without setting `_interrupt`. On Python 3.11 (seen on
+                # 3.11.7), wait_for swallows a cancellation that arrives as its
+                # inner wait completes, so the runner would retry without backoff.
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
