@@ -65,7 +65,11 @@ class Authenticator:
     def authenticate(self, authorization: str | None, api_key: str | None) -> Principal:
         """Return the caller for the given headers, or raise `AuthError`."""
         if api_key is not None:
-            return self.check_api_key(api_key)
+            if self._api_key_digests:
+                return self.check_api_key(api_key)
+            if self.enabled and authorization is None:
+                raise AuthError("this router accepts no API keys: send a session token")
+            # Without auth, or beside a session token, the header means nothing.
         if authorization is None:
             if not self.enabled:
                 return ANONYMOUS

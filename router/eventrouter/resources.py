@@ -55,7 +55,7 @@ __all__ = [
 
 API_VERSION = "eventrouter.io/v1alpha1"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 # A DNS-1123 subdomain, as Kubernetes requires for object names.

@@ -8,6 +8,7 @@ glob patterns are compiled to one regular expression per route.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,11 +39,12 @@ def _condition(cond: PropertyCondition) -> Predicate:
     minimum = cond.at_least
 
     def at_least(props: dict[str, str]) -> bool:
-        # A missing or non-numeric value does not match.
+        # A missing, non-numeric or infinite value does not match.
         try:
-            return float(props[key]) >= minimum
+            value = float(props[key])
         except (KeyError, ValueError):
             return False
+        return math.isfinite(value) and value >= minimum
 
     return at_least
 

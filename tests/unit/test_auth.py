@@ -212,7 +212,7 @@ def test_api_keys_only_accepts_key() -> None:
 def test_session_key_only_rejects_api_key() -> None:
     authenticator = Authenticator(SESSION_KEY, [])
     assert authenticator.has_api_keys is False
-    with pytest.raises(AuthError, match="invalid API key"):
+    with pytest.raises(AuthError, match="accepts no API keys"):
         authenticator.authenticate(None, API_KEY)
 
 
