@@ -157,11 +157,16 @@ def _validate(args: argparse.Namespace) -> int:
         return 1
     kinds = [d.resource.kind for d in documents]
     print(
-        f"ok: {len(documents)} documents ({kinds.count('EventRouter')} EventRouter, "
-        f"{kinds.count('EventRoute')} EventRoute, {kinds.count('EventSink')} EventSink); "
-        f"router {config.name} has {len(config.routes)} routes to {len(config.sinks)} sinks"
+        f"ok: {_plural(len(documents), 'document')} "
+        f"({kinds.count('EventRouter')} EventRouter, {kinds.count('EventRoute')} EventRoute, "
+        f"{kinds.count('EventSink')} EventSink); router {config.name} has "
+        f"{_plural(len(config.routes), 'route')} to {_plural(len(config.sinks), 'sink')}"
     )
     return 0
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _send(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ __all__ = [
     "SecretHeader",
     "SecretKeyRef",
     "SecretSource",
+    "SessionsSpec",
     "parse_duration",
 ]
 
@@ -171,7 +172,29 @@ class AutoscalingSpec(_Model):
     enabled: bool = False
     min_replicas: Annotated[int, Field(ge=1, le=1000)] = 1
     max_replicas: Annotated[int, Field(ge=1, le=1000)] = 4
-    target_cpu_utilization_percentage: Annotated[int, Field(ge=1, le=100)] = 70
+    # Spelled as in the HorizontalPodAutoscaler API, not by the camelCase rule.
+    target_cpu_utilization_percentage: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=100,
+            validation_alias="targetCPUUtilizationPercentage",
+            serialization_alias="targetCPUUtilizationPercentage",
+        ),
+    ] = 70
+
+
+class SessionsSpec(_Model):
+    """Client WebSocket sessions on `GET /ws`, which emit session_start and session_end."""
+
+    enabled: bool = True
+    max_sessions: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    max_sessions_per_user: Annotated[int, Field(ge=1, le=10_000)] = 16
+    max_message_bytes: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
+    max_events_per_second: Annotated[float, Field(gt=0, le=100_000)] = 50.0
+    """Sustained rate per session; bursts of twice this many are allowed."""
+    idle_timeout: Duration = 60.0
+    """Close a session that sends nothing, not even a ping, for this long."""
 
 
 class EventRouterSpec(_Model):
@@ -182,6 +205,7 @@ class EventRouterSpec(_Model):
     queue: QueueSpec = QueueSpec()
     auth: AuthSpec = AuthSpec()
     limits: LimitsSpec = LimitsSpec()
+    sessions: SessionsSpec = SessionsSpec()
     tracing: TracingSpec = TracingSpec()
     resources: dict[str, dict[str, str]] | None = None
     autoscaling: AutoscalingSpec = AutoscalingSpec()
