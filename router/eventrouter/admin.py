@@ -57,7 +57,12 @@ class AdminApp:
             return
         path = scope["path"]
         if scope["method"] not in ("GET", "HEAD"):
-            await _respond(send, 405, _json({"error": "method_not_allowed", "message": "use GET"}))
+            await _respond(
+                send,
+                405,
+                _json({"error": "method_not_allowed", "message": "use GET or HEAD"}),
+                [(b"allow", b"GET, HEAD")],
+            )
             return
         if path == "/healthz":
             await _respond(send, 200, _json({"status": "ok"}))

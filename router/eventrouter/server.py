@@ -187,6 +187,10 @@ class Router:
                 authenticator = build_authenticator(config, self.settings)
                 check_bind(self.settings, authenticator)
                 if config.digest == self.engine.config.digest:
+                    # The digest covers the resources but not the secret values,
+                    # so keys rotated in their files still take effect here.
+                    self.authenticator = authenticator
+                    self.app.configure(authenticator)
                     self.metrics.reloads.labels("unchanged").inc()
                     logger.info(
                         "configuration unchanged (%s)", reason, extra={"digest": config.digest}
