@@ -22,6 +22,7 @@ from eventrouter.envelope import Envelope, EventDecoder, IdGenerator, describe_d
 from eventrouter.errors import AuthError, IngestError
 from eventrouter.logs import RateLimitedLog
 from eventrouter.metrics import Metrics
+from eventrouter.sessions import SessionManager
 
 __all__ = ["IngestApp"]
 
@@ -51,6 +52,11 @@ class IngestApp:
         self._denied = RateLimitedLog(logger)
         self._received_http = metrics.received.labels("http")
         self.configure(authenticator)
+        self.sessions = SessionManager(self, metrics)
+
+    def new_ids(self, count: int) -> list[str]:
+        """Return `count` new event ids (ULIDs, sorted in the order made)."""
+        return self._ids.next_ids(count)
 
     def configure(self, authenticator: Authenticator) -> None:
         config = self.engine.config
@@ -62,6 +68,13 @@ class IngestApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
+            return
+        if scope["type"] == "websocket":
+            if scope["path"] == "/ws":
+                await self.sessions.handle(scope, receive, send)
+            else:
+                await receive()
+                await send({"type": "websocket.close", "code": 1008, "reason": "use /ws"})
             return
         if scope["type"] != "http":
             return

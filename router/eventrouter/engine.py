@@ -60,11 +60,15 @@ class RingBuffer:
     def closed(self) -> bool:
         return self._closed
 
-    def offer(self, events: list[Envelope]) -> int:
-        """Add events; return how many the overflow policy dropped."""
+    def offer(self, events: list[Envelope], *, force: bool = False) -> int:
+        """Add events; return how many the overflow policy dropped.
+
+        `force` takes the events even beyond capacity. It is for session_end
+        events, whose number is bounded by the number of open sessions.
+        """
         free = self.capacity - len(self._items)
         dropped = 0
-        if len(events) <= free:
+        if force or len(events) <= free:
             self._items.extend(events)
         elif self.overflow == "reject":
             raise Overloaded
@@ -210,12 +214,12 @@ class Engine:
 
     # --- intake ------------------------------------------------------------------
 
-    def submit(self, events: list[Envelope]) -> int:
+    def submit(self, events: list[Envelope], *, force: bool = False) -> int:
         """Put accepted events in the ring buffer; return how many overflow dropped.
 
         Raises `Overloaded` when the policy is `reject` and the events do not fit.
         """
-        return self.buffer.offer(events)
+        return self.buffer.offer(events, force=force)
 
     # --- workers -----------------------------------------------------------------
 

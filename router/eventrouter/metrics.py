@@ -84,7 +84,7 @@ class Metrics:
         )
         self.sink_in_flight = Gauge(
             f"{_PREFIX}_sink_in_flight",
-            "Events taken from a sink's queue and not yet finished.",
+            "Events a sink holds and has not finished: queued, waiting for room, or being sent.",
             ["sink"],
             registry=r,
         )
@@ -99,6 +99,24 @@ class Metrics:
             "Time from an event's receipt to its delivery, per sink.",
             ["sink"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.sessions_active = Gauge(
+            f"{_PREFIX}_sessions_active", "Open WebSocket sessions.", registry=r
+        )
+        self.sessions_opened = Counter(
+            f"{_PREFIX}_sessions_opened", "WebSocket sessions opened.", registry=r
+        )
+        self.sessions_closed = Counter(
+            f"{_PREFIX}_sessions_closed",
+            "WebSocket sessions closed, by the reason in their session_end event.",
+            ["reason"],
+            registry=r,
+        )
+        self.sessions_refused = Counter(
+            f"{_PREFIX}_sessions_refused",
+            "WebSocket connections refused or closed at once, by reason.",
+            ["reason"],
             registry=r,
         )
         self.reloads = Counter(

@@ -128,13 +128,19 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
+def _uvicorn_config(
+    app: object, host: str, port: int, ws_max_bytes: int | None = None
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
         http="httptools",
-        ws="none",
+        # websockets-sansio can refuse a handshake with an HTTP status and body.
+        ws="websockets-sansio" if ws_max_bytes else "none",
+        ws_max_size=ws_max_bytes or 16 * 1024 * 1024,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
         lifespan="off",
         access_log=False,
         log_config=None,
@@ -248,7 +254,12 @@ class Router:
         except DeliveryError as exc:
             logger.error("a sink failed to start: %s", exc)
             return 1
-        ingest = _Server(_uvicorn_config(self.app, settings.host, settings.port))
+        # NOTE: the WebSocket message limit is read once here; a reload that
+        # changes spec.sessions.maxMessageBytes applies after a restart.
+        sessions = self.engine.config.router.spec.sessions
+        ingest = _Server(
+            _uvicorn_config(self.app, settings.host, settings.port, sessions.max_message_bytes)
+        )
         admin = _Server(_uvicorn_config(self.admin, settings.admin_host, settings.admin_port))
         admin_task = asyncio.create_task(admin.serve(), name="admin-server")
         ingest_task = asyncio.create_task(ingest.serve(), name="ingest-server")
@@ -299,6 +310,9 @@ class Router:
         if watcher is not None:
             watcher.cancel()
         self.app.accepting = False
+        # Sessions close first, so that their session_end events are in the
+        # buffer before the drain starts.
+        await self.app.sessions.close_all(timeout=min(5.0, settings.grace_period))
         ingest.should_exit = True
         await ingest_task
         lost = await self.engine.drain()

@@ -67,6 +67,7 @@ def backoff_delay(policy: RetryPolicy, failed_attempts: int) -> float:
     delay = min(delay, backoff.max)
     if backoff.jitter:
         delay *= random.uniform(1 - backoff.jitter, 1 + backoff.jitter)
+    delay = min(delay, backoff.max)
     return max(0.0, delay)
 
 
@@ -102,6 +103,8 @@ class SinkRunner:
         self._queue: deque[Envelope] = deque()
         self._capacity = spec.queue_size
         self._pending: list[Envelope] = []
+        # Events that `put` keeps waiting under `reject` until the queue has room.
+        self._waiting = 0
         self._has_items = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
@@ -131,7 +134,8 @@ class SinkRunner:
         self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}")
 
     def in_flight(self) -> int:
-        return len(self._queue) + len(self._pending)
+        """Count events queued, waiting in `put` for room, or in the batch being delivered."""
+        return len(self._queue) + self._waiting + len(self._pending)
 
     @property
     def queue_depth(self) -> int:
@@ -240,10 +244,15 @@ class SinkRunner:
 
     async def _put_waiting(self, events: list[Envelope]) -> None:
         start = 0
+        self._waiting += len(events)
         try:
             while start < len(events):
                 if self._successor is not None:
-                    await self._successor._enqueue(events[start:])
+                    # The successor counts these from here on, even if it is cancelled.
+                    rest = events[start:]
+                    self._waiting -= len(rest)
+                    start = len(events)
+                    await self._successor._enqueue(rest)
                     return
                 free = self._capacity - len(self._queue)
                 if free <= 0:
@@ -251,11 +260,14 @@ class SinkRunner:
                     self._has_items.set()
                     await self._has_room.wait()
                     continue
-                self._queue.extend(events[start : start + free])
-                start += free
+                chunk = events[start : start + free]
+                self._queue.extend(chunk)
+                self._waiting -= len(chunk)
+                start += len(chunk)
                 self._has_items.set()
         except asyncio.CancelledError:
             # Shutdown cancelled the worker while it waited for room.
+            self._waiting -= len(events) - start
             self.count_dropped(len(events) - start, "shutdown")
             log_undelivered(f"sink {self.name}", events[start:])
             raise
