@@ -11,6 +11,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 bash scripts/install-js.sh
+bash scripts/install-kafka.sh
 
 .venv/bin/ruff check router operator tests bench
 .venv/bin/mypy
