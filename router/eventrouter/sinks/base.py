@@ -24,6 +24,9 @@ __all__ = ["Sink", "SinkRunner", "backoff_delay", "log_undelivered"]
 logger = logging.getLogger(__name__)
 
 _LOGGED_IDS_PER_LINE = 1000
+# How long a stopped write may take to report what it wrote: at most one chunk
+# plus the writer's 50 ms poll.
+_ABORT_WAIT_SECONDS = 1.0
 
 
 def log_undelivered(where: str, events: Sequence[Envelope]) -> None:
@@ -49,6 +52,13 @@ class Sink(Protocol):
     name: str
     cancellable: bool
     """Whether the runner may cancel `send` when the per-attempt timeout expires."""
+
+    def abort(self) -> None:
+        """Stop a `send` that cannot be cancelled, at shutdown.
+
+        The stopped `send` raises `DeliveryError` whose `failed` lists the events
+        it did not write. Sinks whose `send` can be cancelled do nothing here.
+        """
 
     async def start(self) -> None: ...
 
@@ -114,6 +124,7 @@ class SinkRunner:
         self._task: asyncio.Task[None] | None = None
         self._successor: SinkRunner | None = None
         self._handed_over = False
+        self._aborted = False
         self._failures = RateLimitedLog(logger)
 
         self._matched = metrics.sink_events.labels(name, "matched")
@@ -189,12 +200,7 @@ class SinkRunner:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), remaining)
             except TimeoutError:
-                # Cancel without setting `_interrupt`. On Python 3.11 (seen on
-                # 3.11.7), wait_for swallows a cancellation that arrives as its
-                # inner wait completes, so the runner would retry without backoff.
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                await self._abort()
         leftover = self._pending + list(self._queue)
         self._pending = []
         self._queue.clear()
@@ -202,6 +208,24 @@ class SinkRunner:
             self.count_dropped(len(leftover), "shutdown")
         await self._close_sink(max(0.1, deadline - time.monotonic()))
         return leftover
+
+    async def _abort(self) -> None:
+        """Stop delivery at the deadline, keeping count of what a stopped write sent."""
+        assert self._task is not None
+        self._aborted = True
+        if not self.sink.cancellable:
+            # The write stops at its next chunk and reports what it wrote; the
+            # runner records that part as delivered and keeps the rest pending.
+            self.sink.abort()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), _ABORT_WAIT_SECONDS)
+        if not self._task.done():
+            # Cancel without setting `_interrupt`. On Python 3.11 (seen on
+            # 3.11.7), wait_for swallows a cancellation that arrives as its
+            # inner wait completes, so the runner would retry without backoff.
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def _close_sink(self, timeout: float) -> None:
         try:
@@ -286,6 +310,8 @@ class SinkRunner:
     async def _run(self) -> None:
         spec = self.spec
         while True:
+            if self._aborted:
+                return
             if not self._queue:
                 if self._closing or self._handing_over:
                     return
@@ -351,6 +377,9 @@ class SinkRunner:
                 self._pending = batch
                 if not batch:
                     return True
+            if self._aborted:
+                # Shutdown stopped the write; `stop` counts the rest as undelivered.
+                return False
             self._record_failure(error, attempt, len(batch))
             if not error.retryable or attempt >= policy.max_attempts:
                 await self._give_up(batch, error, attempt)

@@ -15,6 +15,10 @@ class BlackholeSink:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    def abort(self) -> None:
+        # `send` is cancellable, so the runner cancels it instead.
+        return None
+
     async def start(self) -> None:
         return None
 

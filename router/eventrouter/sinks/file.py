@@ -14,29 +14,31 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
 
 from eventrouter.envelope import Envelope, encode_envelope
 from eventrouter.errors import PermanentDeliveryError, RetryableDeliveryError
 from eventrouter.resources import FileSinkSpec
+from eventrouter.sinks.lines import LineWriter, WriteAborted
 
 
 class FileSink:
     """JSON lines in `path`; at `max_bytes` the file becomes `path.1`, and so on.
 
-    Writes run on one thread of their own, in order, so a file that blocks (a
-    FIFO with no reader, a stalled network mount) holds only this sink.
+    Writes run on one thread of their own, in order. A path that is a FIFO is
+    written without ever blocking that thread for good (see `LineWriter`), so
+    shutdown can stop a write to a stalled reader and count what went out.
     """
 
-    # A write in progress cannot be cancelled, so the runner waits for it.
+    # A write in progress is stopped with `abort`, not cancelled.
     cancellable = False
 
     def __init__(self, name: str, spec: FileSinkSpec) -> None:
         self.name = name
         self.path = Path(spec.path)
         self._spec = spec
-        self._file: BinaryIO | None = None
+        self._fd: int | None = None
         self._size = 0
+        self._writer = LineWriter()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{name}")
 
     async def start(self) -> None:
@@ -46,18 +48,21 @@ class FileSink:
                 f"folder {parent} of file sink {self.name!r} does not exist; create it"
             )
 
-    def _open(self) -> BinaryIO:
-        if self._file is None:
-            # Opening a FIFO blocks here until a reader appears; that is on the
-            # sink's own thread.
-            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across batches
-            self._size = self._file.tell() if self.path.is_file() else 0
-        return self._file
+    def abort(self) -> None:
+        self._writer.abort()
+
+    def _open(self) -> int:
+        if self._fd is None:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            if self.path.is_fifo():
+                self._fd = self._writer.open_fifo(str(self.path), flags)
+            else:
+                self._fd = os.open(self.path, flags, 0o644)
+            self._size = os.fstat(self._fd).st_size
+        return self._fd
 
     def _rotate(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close_file()
         keep = self._spec.max_files
         if keep == 0:
             self.path.unlink(missing_ok=True)
@@ -68,37 +73,42 @@ class FileSink:
                 older.replace(self.path.with_name(f"{self.path.name}.{index + 1}"))
         self.path.replace(self.path.with_name(f"{self.path.name}.1"))
 
-    def _write(self, data: bytes) -> None:
-        handle = self._open()
+    def _write(self, lines: list[bytes]) -> None:
+        fd = self._open()
+        size = sum(len(line) for line in lines)
         limit = self._spec.max_bytes
-        if limit and self._size and self._size + len(data) > limit and self.path.is_file():
+        if limit and self._size and self._size + size > limit and self.path.is_file():
             self._rotate()
-            handle = self._open()
-        handle.write(data)
-        handle.flush()
+            fd = self._open()
+        self._writer.write(fd, lines)
         if self._spec.fsync == "batch" and self.path.is_file():
-            os.fsync(handle.fileno())
-        self._size += len(data)
+            os.fsync(fd)
+        self._size += size
 
     async def send(self, batch: Sequence[Envelope]) -> None:
-        data = b"".join(encode_envelope(e) + b"\n" for e in batch)
+        lines = [encode_envelope(e) + b"\n" for e in batch]
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self._write, data)
+            await loop.run_in_executor(self._executor, self._write, lines)
+        except WriteAborted as exc:
+            raise RetryableDeliveryError(
+                "write stopped by shutdown", failed=range(exc.written, len(batch))
+            ) from None
         except (PermissionError, IsADirectoryError) as exc:
             raise PermanentDeliveryError(f"cannot write {self.path}: {exc.strerror}") from exc
         except OSError as exc:
-            # Drop the handle so the next attempt reopens the file.
+            # Drop the descriptor so the next attempt reopens the file.
             self._close_file()
             raise RetryableDeliveryError(f"write to {self.path} failed: {exc}") from exc
 
     def _close_file(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
+                os.close(self._fd)
+            self._fd = None
 
     async def close(self) -> None:
+        self._writer.abort()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close_file)
         self._executor.shutdown(wait=False)

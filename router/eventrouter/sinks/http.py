@@ -86,6 +86,10 @@ class HttpSink:
         self._session: aiohttp.ClientSession | None = None
         self._content_type = _CONTENT_TYPES[spec.format]
 
+    def abort(self) -> None:
+        # `send` is cancellable, so the runner cancels it instead.
+        return None
+
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=self._spec.max_connections,
@@ -130,8 +134,16 @@ class HttpSink:
         assert self._session is not None, "HttpSink.start() was not called"
         spec = self._spec
         try:
+            # Redirects are not followed, because aiohttp (3.14) repeats a POST
+            # that got a 302 or 303 as a GET without the body, and sends custom
+            # secret headers such as X-Api-Key on to another host. A 3xx status
+            # is handled like any other status that is not a success.
             async with self._session.request(
-                spec.method, spec.url, data=body, headers=self._headers(body)
+                spec.method,
+                spec.url,
+                data=body,
+                headers=self._headers(body),
+                allow_redirects=False,
             ) as response:
                 status = response.status
                 if status_matches(status, spec.success_status):

@@ -104,6 +104,10 @@ class KafkaSink:
         self._producer: AIOKafkaProducer | None = None
         self._stale = False
 
+    def abort(self) -> None:
+        # `send` is cancellable, so the runner cancels it instead.
+        return None
+
     async def start(self) -> None:
         # Connecting waits for the first attempt, so that a broker that is down
         # does not keep the router from starting.
