@@ -210,6 +210,18 @@ class EventRouterSpec(_Model):
     resources: dict[str, dict[str, str]] | None = None
     autoscaling: AutoscalingSpec = AutoscalingSpec()
 
+    @model_validator(mode="after")
+    def _batch_fits_queue(self) -> EventRouterSpec:
+        # Under `reject` a batch is taken whole or not at all, so a batch larger
+        # than the buffer could never be accepted.
+        if self.queue.overflow == "reject" and self.queue.size < self.limits.max_batch_events:
+            raise ValueError(
+                f"with overflow reject, queue.size ({self.queue.size}) must be at least "
+                f"limits.maxBatchEvents ({self.limits.max_batch_events}); raise queue.size "
+                "or lower maxBatchEvents"
+            )
+        return self
+
 
 # --- EventRoute --------------------------------------------------------------
 

@@ -89,7 +89,11 @@ def blocked_router(
         config = write_documents(
             tmp_path / "router.yaml",
             [
-                router_doc(queue={"size": BUFFER_SIZE, "workers": 1, "overflow": policy}),
+                router_doc(
+                    queue={"size": BUFFER_SIZE, "workers": 1, "overflow": policy},
+                    # A batch may be larger than the buffer under the drop policies.
+                    limits={"maxBatchEvents": 500 if policy != "reject" else BUFFER_SIZE},
+                ),
                 sink_doc(
                     SINK,
                     file={"path": str(fifo.path)},
