@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -78,19 +79,50 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$", "maxLength": 32},
+            ],
+            "x-duration": True,
+        }
+    ),
+]
 """A duration in seconds, written in YAML as 500ms, 5s, 1m, 1h or a number."""
 
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=_NAME_PATTERN)]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=AliasGenerator(validation_alias=to_camel, serialization_alias=to_camel),
-        populate_by_name=True,
-        extra="forbid",
-        frozen=True,
+_BASE_CONFIG = ConfigDict(
+    alias_generator=AliasGenerator(validation_alias=to_camel, serialization_alias=to_camel),
+    populate_by_name=True,
+    extra="forbid",
+    frozen=True,
+)
+
+
+def _rules(*rules: tuple[str, str]) -> ConfigDict:
+    """Model settings with CEL rules that the CRDs carry beside the pydantic validators.
+
+    Each rule restates a `model_validator` of the same model for the API server,
+    so `kubectl apply` rejects what `eventrouter validate` rejects.
+    """
+    return ConfigDict(
+        **_BASE_CONFIG,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": rule, "message": message} for rule, message in rules
+            ]
+        },
     )
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(**_BASE_CONFIG)
 
 
 class ObjectMeta(BaseModel):
@@ -113,6 +145,13 @@ class SecretKeyRef(_Model):
 
 class SecretSource(_Model):
     """Where a secret value comes from: a Secret key, a file, or an environment variable."""
+
+    model_config = _rules(
+        (
+            "[has(self.secretKeyRef), has(self.file), has(self.env)].filter(x, x).size() == 1",
+            "set exactly one of secretKeyRef, file or env",
+        ),
+    )
 
     secret_key_ref: SecretKeyRef | None = None
     file: str | None = None
@@ -200,6 +239,16 @@ class SessionsSpec(_Model):
 class EventRouterSpec(_Model):
     """The desired state of one router."""
 
+    model_config = _rules(
+        (
+            "!has(self.queue) || !has(self.queue.overflow) || self.queue.overflow != 'reject'"
+            " || (has(self.queue.size) ? self.queue.size : 65536)"
+            " >= (has(self.limits) && has(self.limits.maxBatchEvents)"
+            " ? self.limits.maxBatchEvents : 500)",
+            "with overflow reject, queue.size must be at least limits.maxBatchEvents",
+        ),
+    )
+
     replicas: Annotated[int, Field(ge=0, le=1000)] = 1
     image: str | None = None
     queue: QueueSpec = QueueSpec()
@@ -228,6 +277,14 @@ class EventRouterSpec(_Model):
 
 class PropertyCondition(_Model):
     """One test on a property; exactly one operator is set."""
+
+    model_config = _rules(
+        (
+            "[has(self.equals), has(self.__in__), has(self.exists), has(self.prefix),"
+            " has(self.atLeast)].filter(x, x).size() == 1",
+            "set exactly one of equals, in, exists, prefix or atLeast",
+        ),
+    )
 
     key: Annotated[str, Field(min_length=1, max_length=1024)]
     equals: str | None = None
@@ -272,6 +329,14 @@ class EventRouteSpec(_Model):
 
 class BackoffPolicy(_Model):
     """Delay between delivery attempts."""
+
+    model_config = _rules(
+        (
+            "!has(self.initial) || !has(self.max) || type(self.initial) != string"
+            " || type(self.max) != string || duration(self.initial) <= duration(self.max)",
+            "initial must not exceed max",
+        ),
+    )
 
     type: Literal["linear", "exponential"] = "exponential"
     initial: Duration = 0.1
@@ -381,6 +446,13 @@ class HttpSinkSpec(_Model):
 class KafkaTls(_Model):
     """TLS to the brokers; each file is PEM, from a Secret mount or a path."""
 
+    model_config = _rules(
+        (
+            "has(self.cert) == has(self.key)",
+            "set both cert and key for client authentication, or neither",
+        ),
+    )
+
     ca: SecretSource | None = None
     """CA bundle to verify the brokers; the system's CAs when unset."""
     cert: SecretSource | None = None
@@ -409,6 +481,13 @@ class KafkaSinkSpec(_Model):
     `{session_id}`, `{router}`, `{id}` and `{properties.KEY}` are replaced with
     the event's values. Characters not allowed in topic names become `_`.
     """
+
+    model_config = _rules(
+        (
+            "(has(self.idempotence) && !self.idempotence) || !has(self.acks) || self.acks == 'all'",
+            "idempotence requires acks: all; set idempotence: false to use acks 0 or 1",
+        ),
+    )
 
     bootstrap_servers: Annotated[
         list[Annotated[str, Field(min_length=3, max_length=512, pattern=r"^[^\s:]+:\d+$")]],
@@ -452,6 +531,14 @@ _SINK_TYPES = ("log", "file", "blackhole", "http", "kafka")
 
 class EventSinkSpec(_Model):
     """One destination; exactly one sink type is set."""
+
+    model_config = _rules(
+        (
+            "[has(self.log), has(self.file), has(self.blackhole), has(self.http),"
+            " has(self.kafka)].filter(x, x).size() == 1",
+            "set exactly one sink type of log, file, blackhole, http or kafka",
+        ),
+    )
 
     log: LogSinkSpec | None = None
     file: FileSinkSpec | None = None

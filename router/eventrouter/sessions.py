@@ -35,7 +35,7 @@ from eventrouter.logs import RateLimitedLog
 from eventrouter.metrics import Metrics
 
 if TYPE_CHECKING:
-    from eventrouter.app import IngestApp, Receive, Scope, Send
+    from eventrouter.app import IngestApp, Message, Receive, Scope, Send
 
 __all__ = ["CloseReason", "SessionManager"]
 
@@ -150,7 +150,18 @@ class SessionManager:
             )
             return
 
-        session = self._open(scope, principal, send, spec.max_events_per_second)
+        try:
+            session = self._open(scope, principal, send, spec.max_events_per_second)
+        except Overloaded:
+            self._refused.labels("overloaded").inc()
+            await send(
+                {
+                    "type": "websocket.close",
+                    "code": CloseReason.TRY_AGAIN_LATER,
+                    "reason": "the router's buffer is full; retry later",
+                }
+            )
+            return
         try:
             await self._serve(session, receive, spec.idle_timeout)
         finally:
@@ -186,14 +197,16 @@ class SessionManager:
             user_agent=user_agent,
             tokens=2 * rate,
         )
+        properties = {"client_address": session.client, "user_agent": user_agent}
+        if principal.session_id:
+            properties["token_id"] = principal.session_id
+        # Emitted before the session is registered: under the `reject` policy a
+        # full buffer raises Overloaded here, and the session never opens.
+        self._emit(session, "session_start", properties, force=False)
         self._sessions[session_id] = session
         if principal.user_id:
             self._per_user[principal.user_id] = self._per_user.get(principal.user_id, 0) + 1
         self._opened.inc()
-        properties = {"client_address": session.client, "user_agent": user_agent}
-        if principal.session_id:
-            properties["token_id"] = principal.session_id
-        self._emit(session, "session_start", properties, force=False)
         return session
 
     # --- messages -------------------------------------------------------------------
@@ -209,7 +222,7 @@ class SessionManager:
             kind = message["type"]
             if kind == "websocket.disconnect":
                 if session.close_reason is None:
-                    session.close_reason = _reason_for_code(message.get("code", 1005))
+                    session.close_reason = _reason_for_disconnect(message)
                 return
             if kind != "websocket.receive" or session.close_reason is not None:
                 continue
@@ -382,10 +395,16 @@ class SessionManager:
                 self._finish(session)
 
 
-def _reason_for_code(code: int) -> str:
+def _reason_for_disconnect(message: Message) -> str:
+    code = message.get("code", 1005)
     if code == CloseReason.TOO_BIG:
         return CloseReason.TOO_LARGE
     if code in (1006, 1011, 1012, 1014, 1015):
+        return CloseReason.NETWORK
+    # uvicorn 0.55 (websockets-sansio) reports a connection lost without a close
+    # frame as code 1005 with no `reason` key. A received close frame always
+    # carries `reason`, empty when the client sent none.
+    if code == 1005 and "reason" not in message:
         return CloseReason.NETWORK
     return CloseReason.CLIENT
 

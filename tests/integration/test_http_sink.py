@@ -342,14 +342,6 @@ def test_retry_budget_then_dead_letter(
     assert router.metric("eventrouter_sink_ready", sink="webhook") == 0
 
 
-# TODO: remove the xfail marks once the json format attempts each event of a
-# batch on its own. The runner counts attempts per batch, and `HttpSink.send`
-# reports every event after a failed one as failed too.
-@pytest.mark.xfail(
-    strict=True,
-    reason="json format: only the first event of a batch is attempted, and the events behind "
-    "it are dead-lettered with its attempt count without ever being sent",
-)
 def test_json_batch_retries_each_event(
     start_router: Callable[..., RouterProcess], receiver: Receiver, tmp_path: Path
 ) -> None:
@@ -381,11 +373,6 @@ def test_json_batch_retries_each_event(
     assert receiver.count() == 12
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="json format: a permanent error on one event dead-letters the rest of its batch, "
-    "which was never sent",
-)
 def test_json_permanent_error_spares_rest(
     start_router: Callable[..., RouterProcess], receiver: Receiver, tmp_path: Path
 ) -> None:

@@ -59,6 +59,7 @@ class FakeSink:
     ) -> None:
         self.name = name
         self.cancellable = cancellable
+        self.max_batch: int | None = None
         self.fail_times = fail_times
         self.error = error
         self.gate = gate
@@ -68,6 +69,9 @@ class FakeSink:
         self.attempt_started = asyncio.Event()
         self.started = False
         self.closed = False
+
+    def abort(self) -> None:
+        self.aborted = True
 
     async def start(self) -> None:
         self.started = True

@@ -52,6 +52,8 @@ class Sink(Protocol):
     name: str
     cancellable: bool
     """Whether the runner may cancel `send` when the per-attempt timeout expires."""
+    max_batch: int | None
+    """An upper bound on batch size that the sink imposes, below spec.batchSize."""
 
     def abort(self) -> None:
         """Stop a `send` that cannot be cancelled, at shutdown.
@@ -112,6 +114,7 @@ class SinkRunner:
         self._find_runner = find_runner
         self._queue: deque[Envelope] = deque()
         self._capacity = spec.queue_size
+        self._batch_size = min(spec.batch_size, sink.max_batch or spec.batch_size)
         self._pending: list[Envelope] = []
         # Events that `put` keeps waiting under `reject` until the queue has room.
         self._waiting = 0
@@ -320,10 +323,10 @@ class SinkRunner:
                 continue
             if self._handing_over:
                 return
-            if spec.batch_wait > 0 and len(self._queue) < spec.batch_size and not self._closing:
+            if spec.batch_wait > 0 and len(self._queue) < self._batch_size and not self._closing:
                 # Linger so that a batch can fill; a full batch or shutdown cuts it short.
                 await self._wait_interruptible(spec.batch_wait)
-            count = min(spec.batch_size, len(self._queue))
+            count = min(self._batch_size, len(self._queue))
             batch = [self._queue.popleft() for _ in range(count)]
             self._pending = batch
             self._has_room.set()

@@ -11,6 +11,7 @@ class BlackholeSink:
     """Accepts every batch and keeps nothing."""
 
     cancellable = True
+    max_batch: int | None = None
 
     def __init__(self, name: str) -> None:
         self.name = name

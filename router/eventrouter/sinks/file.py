@@ -31,6 +31,7 @@ class FileSink:
 
     # A write in progress is stopped with `abort`, not cancelled.
     cancellable = False
+    max_batch: int | None = None
 
     def __init__(self, name: str, spec: FileSinkSpec) -> None:
         self.name = name

@@ -85,6 +85,9 @@ class HttpSink:
         self._secrets_dir = secrets_dir
         self._session: aiohttp.ClientSession | None = None
         self._content_type = _CONTENT_TYPES[spec.format]
+        # With one event per request, each event is its own batch, so that a
+        # retry or a dead letter concerns exactly the event that failed.
+        self.max_batch: int | None = 1 if spec.format == "json" else None
 
     def abort(self) -> None:
         # `send` is cancellable, so the runner cancels it instead.
@@ -173,13 +176,5 @@ class HttpSink:
         if fmt == "ndjson":
             await self._post(b"".join(encode_envelope(e) + b"\n" for e in batch))
             return
-        # One request per event, in order; on a failure the rest of the batch
-        # waits, so that events reach the receiver in the order they were sent.
-        for index, event in enumerate(batch):
-            try:
-                await self._post(encode_envelope(event))
-            except DeliveryError as exc:
-                if index == 0:
-                    raise
-                exc.failed = range(index, len(batch))
-                raise
+        for event in batch:
+            await self._post(encode_envelope(event))

@@ -93,6 +93,7 @@ class KafkaSink:
     """Produces one record per event; topic and key come from templates."""
 
     cancellable = True
+    max_batch: int | None = None
 
     def __init__(self, name: str, spec: KafkaSinkSpec, secrets_dir: Path) -> None:
         self.name = name

@@ -23,6 +23,7 @@ class LogSink:
 
     # A write in progress is stopped with `abort`, not cancelled.
     cancellable = False
+    max_batch: int | None = None
 
     def __init__(self, name: str, spec: LogSinkSpec) -> None:
         self.name = name
