@@ -90,6 +90,17 @@ class IngestApp:
                 return
             await self._ingest(scope, receive, send, batch=path == "/v2/events")
             return
+        if path == "/ws":
+            await _respond(
+                send,
+                426,
+                _error(
+                    "upgrade_required",
+                    "GET /ws opens a WebSocket session; connect with a WebSocket client",
+                ),
+                [(b"upgrade", b"websocket")],
+            )
+            return
         await _respond(
             send,
             404,

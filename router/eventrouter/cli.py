@@ -111,6 +111,17 @@ def _add_send(commands: Any) -> None:
         help="event property; repeat for more",
     )
     send.add_argument("-n", "--count", type=int, default=1, help="number of events (default 1)")
+    send.add_argument(
+        "--batch-size",
+        type=int,
+        default=100,
+        help="events per request, at most the router's limits.maxBatchEvents (default 100)",
+    )
+    send.add_argument(
+        "--internal",
+        action="store_true",
+        help="send external: false; the router keeps it only for API-key callers",
+    )
     send.add_argument("--url", default="http://127.0.0.1:7350", help="router address")
     send.add_argument("--token", help="session token, sent as Authorization: Bearer")
     send.add_argument("--api-key", help="API key, sent as X-Api-Key")
@@ -185,10 +196,9 @@ def _send(args: argparse.Namespace) -> int:
     accepted = 0
     remaining = args.count
     while remaining > 0:
-        size = min(remaining, 500)
-        body = json.dumps(
-            {"events": [{"name": args.name, "properties": properties}] * size}
-        ).encode()
+        size = min(remaining, max(1, args.batch_size))
+        event = {"name": args.name, "properties": properties, "external": not args.internal}
+        body = json.dumps({"events": [event] * size}).encode()
         request = urllib.request.Request(
             args.url.rstrip("/") + "/v2/events", data=body, headers=headers, method="POST"
         )
@@ -204,7 +214,7 @@ def _send(args: argparse.Namespace) -> int:
             print(f"eventrouter: cannot reach {args.url}: {exc.reason}", file=sys.stderr)
             return 1
         remaining -= size
-    print(f"sent {args.count} events, {accepted} accepted")
+    print(f"sent {_plural(args.count, 'event')}, {accepted} accepted")
     return 0
 
 

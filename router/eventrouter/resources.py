@@ -208,6 +208,14 @@ class TracingSpec(_Model):
 class AutoscalingSpec(_Model):
     """A HorizontalPodAutoscaler for the router's Deployment."""
 
+    model_config = _rules(
+        (
+            "(has(self.minReplicas) ? self.minReplicas : 1)"
+            " <= (has(self.maxReplicas) ? self.maxReplicas : 4)",
+            "minReplicas must not exceed maxReplicas",
+        ),
+    )
+
     enabled: bool = False
     min_replicas: Annotated[int, Field(ge=1, le=1000)] = 1
     max_replicas: Annotated[int, Field(ge=1, le=1000)] = 4
@@ -221,6 +229,15 @@ class AutoscalingSpec(_Model):
             serialization_alias="targetCPUUtilizationPercentage",
         ),
     ] = 70
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) must not exceed "
+                f"maxReplicas ({self.max_replicas})"
+            )
+        return self
 
 
 class SessionsSpec(_Model):

@@ -314,6 +314,29 @@ async def test_batches_split_by_batch_size(harness: Harness) -> None:
     assert sink.attempted == [["e0", "e1"], ["e2", "e3"], ["e4"]]
 
 
+async def test_batch_wait_ends_when_batch_fills(harness: Harness) -> None:
+    spec = make_spec(batch_size=3).model_copy(update={"batch_wait": 30.0})
+    sink = FakeSink()
+    runner = harness.runner(sink, spec)
+    await runner.start()
+    await runner.put(make_events(2))
+    await asyncio.sleep(0.05)
+    assert sink.attempted == []
+    await runner.put(make_events(1, prefix="f"))
+    await wait_until(lambda: runner.in_flight() == 0)
+    assert sink.attempted == [["e0", "e1", "f0"]]
+
+
+async def test_batch_wait_sends_partial_batch(harness: Harness) -> None:
+    spec = make_spec(batch_size=100).model_copy(update={"batch_wait": 0.1})
+    sink = FakeSink()
+    runner = harness.runner(sink, spec)
+    await runner.start()
+    await runner.put(make_events(2))
+    await wait_until(lambda: runner.in_flight() == 0)
+    assert sink.attempted == [["e0", "e1"]]
+
+
 # --- dead letters --------------------------------------------------------------
 
 

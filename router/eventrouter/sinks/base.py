@@ -323,9 +323,8 @@ class SinkRunner:
                 continue
             if self._handing_over:
                 return
-            if spec.batch_wait > 0 and len(self._queue) < self._batch_size and not self._closing:
-                # Linger so that a batch can fill; a full batch or shutdown cuts it short.
-                await self._wait_interruptible(spec.batch_wait)
+            if spec.batch_wait > 0:
+                await self._linger(spec.batch_wait)
             count = min(self._batch_size, len(self._queue))
             batch = [self._queue.popleft() for _ in range(count)]
             self._pending = batch
@@ -338,6 +337,20 @@ class SinkRunner:
                 # so the batch follows the rest of the queue to the successor.
                 self._successor.take_over(self._pending)
                 self._pending = []
+
+    async def _linger(self, seconds: float) -> None:
+        """Wait up to `seconds` for a full batch; shutdown or a hand-over cuts it short."""
+        deadline = time.monotonic() + seconds
+        while len(self._queue) < self._batch_size and not (
+            self._closing or self._handing_over or self._aborted
+        ):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._has_items.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._has_items.wait()
 
     async def _wait_interruptible(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

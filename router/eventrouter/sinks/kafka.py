@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.helpers import create_ssl_context
 
 from eventrouter.envelope import Envelope, encode_envelope
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 _FIELD = re.compile(r"\{([^}]*)\}")
 _TOPIC_INVALID = re.compile(r"[^a-zA-Z0-9._-]")
 _MAX_TOPIC = 249
+# Seconds to wait for each step of abandoning a producer.
+_ABANDON_TIMEOUT = 5.0
 
 Template = Callable[[Envelope], str]
 
@@ -104,6 +106,7 @@ class KafkaSink:
         self._static_headers = [(k, v.encode()) for k, v in spec.headers.items()]
         self._producer: AIOKafkaProducer | None = None
         self._stale = False
+        self._abandoning: set[asyncio.Task[None]] = set()
 
     def abort(self) -> None:
         # `send` is cancellable, so the runner cancels it instead.
@@ -124,6 +127,9 @@ class KafkaSink:
             "compression_type": None if spec.compression == "none" else spec.compression,
             "linger_ms": int(spec.linger * 1000),
             "max_batch_size": spec.batch_bytes,
+            # NOTE: with idempotence (the default), aiokafka 0.14 retries a batch
+            # until the broker takes it and never expires it after this timeout,
+            # so the runner's per-attempt `timeout` is what bounds a send.
             "request_timeout_ms": max(1, int(spec.request_timeout * 1000)),
             "retry_backoff_ms": 100,
             # Re-read metadata often enough that partition leaders that moved
@@ -160,10 +166,13 @@ class KafkaSink:
         if self._producer is not None:
             old, self._producer = self._producer, None
             logger.info("sink %s: replacing the Kafka producer after a failed attempt", self.name)
-            # Stopping flushes what the old producer still holds; bounded, and
-            # in the background so that this attempt's timeout is not spent on it.
-            task = asyncio.create_task(_stop_quietly(old, self._spec.request_timeout))
-            task.add_done_callback(lambda t: None)
+            # The runner retries or dead-letters every record of the failed
+            # attempt, so the old producer must not deliver them as well: it is
+            # abandoned without a flush, in the background so that this
+            # attempt's timeout is not spent on it.
+            task = asyncio.create_task(_abandon(old))
+            self._abandoning.add(task)
+            task.add_done_callback(self._abandoning.discard)
         try:
             options = self._producer_options()
         except ConfigError as exc:
@@ -201,18 +210,24 @@ class KafkaSink:
     async def send(self, batch: Sequence[Envelope]) -> None:
         try:
             producer = await self._ensure_producer()
-            futures = []
-            for event in batch:
+            futures: dict[int, asyncio.Future[Any]] = {}
+            rejected: dict[int, BaseException] = {}
+            for index, event in enumerate(batch):
                 key = self._key(event).encode() if self._key else None
-                futures.append(
-                    await producer.send(
+                try:
+                    futures[index] = await producer.send(
                         self._topic_for(event),
                         encode_envelope(event),
                         key=key or None,
                         headers=self._headers_for(event),
                     )
-                )
-            results = await asyncio.gather(*futures, return_exceptions=True)
+                except MessageSizeTooLargeError as exc:
+                    # aiokafka checks the size before it queues the record, so
+                    # only this event failed and the ones queued before it stay.
+                    rejected[index] = exc
+            outcomes = await asyncio.gather(*futures.values(), return_exceptions=True)
+            by_index = {**dict(zip(futures, outcomes, strict=True)), **rejected}
+            results = [by_index[index] for index in range(len(batch))]
         except asyncio.CancelledError:
             # The runner's per-attempt timeout: the connection may be dead.
             self._stale = True
@@ -232,6 +247,8 @@ class KafkaSink:
         if self._producer is not None:
             producer, self._producer = self._producer, None
             await _stop_quietly(producer, self._spec.request_timeout)
+        if self._abandoning:
+            await asyncio.gather(*self._abandoning, return_exceptions=True)
 
 
 def _delivery_error(
@@ -244,5 +261,34 @@ def _delivery_error(
 
 
 async def _stop_quietly(producer: AIOKafkaProducer, timeout: float) -> None:
+    """Stop a producer, letting it deliver what it holds for up to `timeout` seconds."""
+    stopped = False
     with contextlib.suppress(Exception, asyncio.CancelledError):
         await asyncio.wait_for(producer.stop(), timeout)
+        stopped = True
+    if not stopped:
+        await _abandon(producer)
+
+
+async def _abandon(producer: AIOKafkaProducer) -> None:
+    """Stop a producer's background sender and close its connections, delivering nothing more.
+
+    aiokafka 0.14 has no public call for this. `stop()` waits until every
+    record is delivered, and when it is cancelled it leaves the sender task
+    running, which would deliver records later that the runner has already
+    retried or dead-lettered. So this cancels the sender through private
+    attributes.
+    """
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    if task is not None and not task.done():
+        task.cancel()
+        # The sender waits for its in-flight requests, each bounded by
+        # request_timeout_ms, before it ends.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(task, _ABANDON_TIMEOUT)
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if accumulator is not None:
+        accumulator.fail_all(KafkaError("the producer was closed before it delivered the record"))
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(producer.client.close(), _ABANDON_TIMEOUT)
