@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             stale.append(str(path))
     if stale:
         print(
-            f"out of date: {', '.join(stale)}; run python -m eventrouter_operator.crds --write {folder}",
+            f"out of date: {', '.join(stale)}; "
+            f"run python -m eventrouter_operator.crds --write {folder}",
             file=sys.stderr,
         )
         return 1

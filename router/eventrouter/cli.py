@@ -127,6 +127,31 @@ def _add_send(commands: Any) -> None:
     send.add_argument("--api-key", help="API key, sent as X-Api-Key")
 
 
+def _add_operator(commands: Any) -> None:
+    operator = commands.add_parser(
+        "operator",
+        help="run the Kubernetes operator",
+        description=(
+            "Run the kopf operator that turns EventRouter resources into a ConfigMap, a "
+            "Deployment and a Service. It uses the in-cluster service account, or KUBECONFIG."
+        ),
+    )
+    scope = operator.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        metavar="NAMESPACE",
+        help="watch this namespace; repeat for more (default: the whole cluster)",
+    )
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    operator.add_argument(
+        "--standalone",
+        action="store_true",
+        help="run without peering, when only one operator replica runs",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eventrouter",
@@ -137,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_validate(commands)
     _add_send(commands)
+    _add_operator(commands)
     return parser
 
 
@@ -218,10 +244,26 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    import eventrouter_operator.handlers  # noqa: F401 - registers the handlers
+
+    kopf.configure(verbose=False)
+    kopf.run(
+        standalone=args.standalone,
+        namespaces=args.namespace or [],
+        clusterwide=not args.namespace,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "operator":
+        return _operator(args)
     if args.command == "validate":
         return _validate(args)
     return _send(args)
