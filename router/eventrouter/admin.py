@@ -74,7 +74,12 @@ class AdminApp:
                 await _respond(
                     send,
                     401,
-                    _json({"error": "unauthenticated", "message": "send an API key in X-Api-Key"}),
+                    _json(
+                        {
+                            "error": "unauthenticated",
+                            "message": "send an API key in X-Api-Key or as Authorization: Bearer",
+                        }
+                    ),
                 )
                 return
             if path == "/metrics":
@@ -95,14 +100,22 @@ class AdminApp:
             )
 
     def _key_ok(self, scope: Scope) -> bool:
+        """Accept an API key in X-Api-Key, or as a bearer token as Prometheus sends it."""
+        key = None
         for name, value in scope["headers"]:
             if name == b"x-api-key":
-                try:
-                    self.router.authenticator.check_api_key(value.decode("latin-1"))
-                    return True
-                except AuthError:
-                    return False
-        return False
+                key = value.decode("latin-1")
+            elif name == b"authorization" and key is None:
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and token:
+                    key = token.strip()
+        if key is None:
+            return False
+        try:
+            self.router.authenticator.check_api_key(key)
+        except AuthError:
+            return False
+        return True
 
     def _readiness(self) -> tuple[int, dict[str, Any]]:
         engine = self.router.engine
