@@ -2,10 +2,10 @@
 
 The producer is created lazily inside a delivery attempt, so a broker that is
 down at start-up makes the sink not ready instead of stopping the router. After
-an attempt that timed out or lost the connection, the next attempt starts a new
-producer: a fresh client re-reads the cluster metadata from the bootstrap
-servers, which recovers from a broker restart on a new address or a client
-stuck on stale metadata.
+a failed attempt, the next attempt starts a new producer. A fresh client re-reads
+the cluster metadata from the bootstrap servers, which recovers from a broker
+restart on a new address or a client stuck on stale metadata, and it starts new
+idempotence sequence numbers.
 
 Delivery is at least once: when an attempt times out, records that aiokafka
 had already sent may be sent again by the retry.
@@ -127,8 +127,8 @@ class KafkaSink:
             "compression_type": None if spec.compression == "none" else spec.compression,
             "linger_ms": int(spec.linger * 1000),
             "max_batch_size": spec.batch_bytes,
-            # NOTE: with idempotence (the default), aiokafka 0.14 retries a batch
-            # until the broker takes it and never expires it after this timeout,
+            # NOTE: with idempotence (the default), aiokafka 0.14 keeps retrying
+            # a batch past this timeout while the partition's leader is known,
             # so the runner's per-attempt `timeout` is what bounds a send.
             "request_timeout_ms": max(1, int(spec.request_timeout * 1000)),
             "retry_backoff_ms": 100,
@@ -167,7 +167,7 @@ class KafkaSink:
             old, self._producer = self._producer, None
             logger.info("sink %s: replacing the Kafka producer after a failed attempt", self.name)
             # The runner retries or dead-letters every record of the failed
-            # attempt, so the old producer must not deliver them as well: it is
+            # attempt, so the old producer must not deliver them too. It is
             # abandoned without a flush, in the background so that this
             # attempt's timeout is not spent on it.
             task = asyncio.create_task(_abandon(old))
@@ -223,11 +223,23 @@ class KafkaSink:
                     )
                 except MessageSizeTooLargeError as exc:
                     # aiokafka checks the size before it queues the record, so
-                    # only this event failed and the ones queued before it stay.
+                    # only this event failed and the ones before it stay queued.
                     rejected[index] = exc
             outcomes = await asyncio.gather(*futures.values(), return_exceptions=True)
             by_index = {**dict(zip(futures, outcomes, strict=True)), **rejected}
             results = [by_index[index] for index in range(len(batch))]
+            too_large = [
+                index for index in futures if isinstance(results[index], MessageSizeTooLargeError)
+            ]
+            if len(too_large) > 1:
+                # The broker rejects a whole record batch that exceeds the
+                # topic's max.message.bytes, with the records that fit in it.
+                # Sending each again on its own finds the ones that do not fit.
+                # NOTE: each of these sends waits out `linger` first, so with a
+                # long linger they can use up the attempt's timeout.
+                self._stale = True
+                for index in too_large:
+                    results[index] = await self._send_alone(batch[index])
         except asyncio.CancelledError:
             # The runner's per-attempt timeout: the connection may be dead.
             self._stale = True
@@ -235,13 +247,37 @@ class KafkaSink:
         except KafkaError as exc:
             self._stale = True
             raise _delivery_error(exc, None) from exc
-        failed = [i for i, result in enumerate(results) if isinstance(result, BaseException)]
-        if failed:
-            first = results[failed[0]]
-            assert isinstance(first, BaseException)
-            if isinstance(first, KafkaError) and first.retriable:
-                self._stale = True
-            raise _delivery_error(first, None if len(failed) == len(batch) else failed)
+        errors = [result for result in results if isinstance(result, BaseException)]
+        if errors:
+            # A new producer also starts new sequence numbers. An idempotent
+            # producer has used some on any batch that the broker rejected, so
+            # the broker would reject its next records for that partition as
+            # out of order (OutOfOrderSequenceNumber).
+            self._stale = True
+            failed = [i for i, result in enumerate(results) if isinstance(result, BaseException)]
+            # One error decides for all failed events. A retryable one wins, so
+            # that no event that may still succeed is dead-lettered early.
+            retryable = [e for e in errors if not _is_permanent(e)]
+            error = retryable[0] if retryable else errors[0]
+            raise _delivery_error(error, None if len(failed) == len(batch) else failed)
+
+    async def _send_alone(self, event: Envelope) -> object:
+        """Produce one record in a record batch of its own; return its metadata or its error.
+
+        After a failure the next call uses a new producer, for the reason given in `send`.
+        """
+        producer = await self._ensure_producer()
+        key = self._key(event).encode() if self._key else None
+        try:
+            return await producer.send_and_wait(
+                self._topic_for(event),
+                encode_envelope(event),
+                key=key or None,
+                headers=self._headers_for(event),
+            )
+        except KafkaError as exc:
+            self._stale = True
+            return exc
 
     async def close(self) -> None:
         if self._producer is not None:
@@ -251,11 +287,15 @@ class KafkaSink:
             await asyncio.gather(*self._abandoning, return_exceptions=True)
 
 
+def _is_permanent(exc: BaseException) -> bool:
+    return isinstance(exc, KafkaError) and not exc.retriable
+
+
 def _delivery_error(
     exc: BaseException, failed: list[int] | None
 ) -> RetryableDeliveryError | PermanentDeliveryError:
     message = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, KafkaError) and not exc.retriable:
+    if _is_permanent(exc):
         return PermanentDeliveryError(message, failed=failed)
     return RetryableDeliveryError(message, failed=failed)
 
