@@ -389,8 +389,8 @@ class KafkaBroker:
         command = self._java_command(
             "kafka.tools.StorageTool",
             "format",
-            "--cluster-id",
-            self.cluster_id,
+            # One argument with "=", because a base64url id may start with "-".
+            f"--cluster-id={self.cluster_id}",
             "--config",
             str(self.config_file),
         )
