@@ -12,6 +12,7 @@ fi
 .venv/bin/python -m pip install --quiet -e '.[test]'
 bash scripts/install-js.sh
 bash scripts/install-kafka.sh
+bash scripts/install-k8s.sh
 
 .venv/bin/ruff check router operator tests bench
 .venv/bin/mypy

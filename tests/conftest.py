@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 # The session-scoped `kafka_broker` fixture: a real Kafka broker on loopback.
-pytest_plugins = ["tests.kafka.plugin"]
+pytest_plugins = ["tests.kafka.plugin", "tests.k8s.plugin"]
 
 REPO = Path(__file__).resolve().parent.parent
 SESSION_KEY = "test-session-key-0123456789abcdef"
