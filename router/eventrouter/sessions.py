@@ -154,6 +154,12 @@ class SessionManager:
             session = self._open(scope, principal, send, spec.max_events_per_second)
         except Overloaded:
             self._refused.labels("overloaded").inc()
+            self._denied.log(
+                logging.WARNING,
+                "ws-overloaded",
+                "refused session of user %s: the buffer is full and the overflow policy is reject",
+                principal.user_id or "(none)",
+            )
             await send(
                 {
                     "type": "websocket.close",
