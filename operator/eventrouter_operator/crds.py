@@ -66,17 +66,14 @@ def _resolve(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> dict[str, An
 
 
 def _int_or_string(schema: Mapping[str, Any]) -> dict[str, Any]:
+    # A structural schema may not give types inside anyOf, so an integer or a
+    # string is x-kubernetes-int-or-string, with the string checks at the top:
+    # the API server applies pattern and maxLength to string values only.
     node: dict[str, Any] = {"x-kubernetes-int-or-string": True}
-    branches = []
     for branch in schema.get("anyOf", []):
         if branch.get("type") == "string":
-            kept = {k: v for k, v in branch.items() if k in ("pattern", "maxLength", "enum")}
-            branches.append({"type": "string", "maxLength": _MAX_STRING, **kept})
-        elif branch.get("type") in ("integer", "number"):
-            kept = {k: v for k, v in branch.items() if k in ("minimum", "maximum")}
-            branches.append({"type": "integer", **kept})
-    if branches:
-        node["anyOf"] = branches
+            node.update({k: v for k, v in branch.items() if k in ("pattern", "maxLength")})
+            node.setdefault("maxLength", _MAX_STRING)
     if "enum" in schema:
         node["enum"] = schema["enum"]
     if "description" in schema:
