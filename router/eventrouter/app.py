@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 import orjson
+from opentelemetry.trace import Span, StatusCode
 
 from eventrouter.auth import Authenticator, Principal
 from eventrouter.engine import Engine, Overloaded
@@ -108,30 +109,37 @@ class IngestApp:
         )
 
     async def _ingest(self, scope: Scope, receive: Receive, send: Send, *, batch: bool) -> None:
+        authorization, api_key, traceparent = _scan_headers(scope)
+        path = scope["path"]
+        span, context = self.engine.tracing.start_ingest(
+            traceparent,
+            f"POST {path}",
+            {"http.request.method": "POST", "http.route": path, "url.path": path},
+        )
         try:
             if not self.accepting:
                 raise IngestError(
                     503, "shutting_down", "the router is shutting down; retry on another replica"
                 )
-            principal = self._authenticate(scope)
+            principal = self._authenticate(scope, authorization, api_key)
             body = await self._read_body(scope, receive)
             if batch:
-                status, payload = self._accept_batch(body, principal)
+                status, payload = self._accept_batch(body, principal, context)
             else:
-                status, payload = self._accept_one(body, principal)
+                status, payload = self._accept_one(body, principal, context)
         except IngestError as exc:
             extra = [(b"retry-after", b"1")] if exc.status in (429, 503) else None
+            if span is not None:
+                _end_span(span, exc.status, exc.error)
             await _respond(send, exc.status, _error(exc.error, exc.message), extra)
             return
+        if span is not None:
+            _end_span(span, status, None)
         await _respond(send, status, payload)
 
-    def _authenticate(self, scope: Scope) -> Principal:
-        authorization = api_key = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-            elif name == b"x-api-key":
-                api_key = value.decode("latin-1")
+    def _authenticate(
+        self, scope: Scope, authorization: str | None, api_key: str | None
+    ) -> Principal:
         try:
             return self.authenticator.authenticate(authorization, api_key)
         except AuthError as exc:
@@ -177,7 +185,9 @@ class IngestApp:
             more = message.get("more_body", False)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _envelopes(self, events: list[Any], principal: Principal) -> list[Envelope]:
+    def _envelopes(
+        self, events: list[Any], principal: Principal, traceparent: str | None
+    ) -> list[Envelope]:
         now = datetime.now(UTC)
         ids = self._ids.next_ids(len(events))
         router = self.router_name
@@ -196,6 +206,7 @@ class IngestApp:
                 user_id=principal.user_id,
                 username=principal.username,
                 session_id=principal.session_id,
+                traceparent=traceparent,
             )
             for i, event in enumerate(events)
         ]
@@ -212,17 +223,21 @@ class IngestApp:
                 "retry after 1 second",
             ) from None
 
-    def _accept_one(self, body: bytes, principal: Principal) -> tuple[int, bytes]:
+    def _accept_one(
+        self, body: bytes, principal: Principal, traceparent: str | None
+    ) -> tuple[int, bytes]:
         self._received_http.inc()
         try:
             event = self.decoder.decode_one(body)
         except msgspec.DecodeError as exc:
             self.metrics.rejected.labels("invalid").inc()
             raise IngestError(400, "invalid_event", describe_decode_error(exc, "event")) from None
-        self._submit(self._envelopes([event], principal))
+        self._submit(self._envelopes([event], principal, traceparent))
         return 200, _EMPTY_OK
 
-    def _accept_batch(self, body: bytes, principal: Principal) -> tuple[int, bytes]:
+    def _accept_batch(
+        self, body: bytes, principal: Principal, traceparent: str | None
+    ) -> tuple[int, bytes]:
         try:
             events, errors = self.decoder.decode_batch(body)
         except msgspec.DecodeError as exc:
@@ -238,7 +253,7 @@ class IngestApp:
         self._received_http.inc(len(events) + len(errors))
         if errors:
             self.metrics.rejected.labels("invalid").inc(len(errors))
-        dropped = self._submit(self._envelopes(events, principal)) if events else 0
+        dropped = self._submit(self._envelopes(events, principal, traceparent)) if events else 0
         payload = {
             "accepted": len(events),
             "rejected": len(errors),
@@ -250,6 +265,28 @@ class IngestApp:
             payload["dropped"] = dropped
         status = 400 if not events else 200
         return status, orjson.dumps(payload)
+
+
+def _scan_headers(scope: Scope) -> tuple[str | None, str | None, str | None]:
+    """Authorization, X-Api-Key and traceparent, in one pass over the headers."""
+    authorization = api_key = traceparent = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"x-api-key":
+            api_key = value.decode("latin-1")
+        elif name == b"traceparent":
+            traceparent = value.decode("latin-1")
+    return authorization, api_key, traceparent
+
+
+def _end_span(span: Span, status: int, error: str | None) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if error is not None:
+        span.set_attribute("error.type", error)
+    if status >= 500:
+        span.set_status(StatusCode.ERROR, error)
+    span.end()
 
 
 def _too_large(limit: int, size: int) -> str:

@@ -22,6 +22,7 @@ from eventrouter.metrics import Metrics
 from eventrouter.routing import RouteTable
 from eventrouter.sinks import DEFAULT_SECRETS_DIR, SinkRunner, build_sink
 from eventrouter.sinks.base import log_undelivered
+from eventrouter.tracing import Tracing
 
 __all__ = ["Engine", "Overloaded", "RingBuffer"]
 
@@ -125,9 +126,11 @@ class Engine:
         metrics: Metrics,
         grace_period: float = 30.0,
         secrets_dir: Path = DEFAULT_SECRETS_DIR,
+        tracing: Tracing | None = None,
     ) -> None:
         queue = config.router.spec.queue
         self.secrets_dir = secrets_dir
+        self.tracing = tracing or Tracing(config.router.spec.tracing, config.name, environ={})
         self.metrics = metrics
         self.grace_period = grace_period
         self.buffer = RingBuffer(queue.size, queue.overflow, metrics)
@@ -178,6 +181,7 @@ class Engine:
             overflow=config.router.spec.queue.overflow,
             metrics=self.metrics,
             find_runner=self.find_runner,
+            tracing=self.tracing,
         )
 
     async def _start_runners(

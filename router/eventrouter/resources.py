@@ -344,20 +344,36 @@ class EventRouteSpec(_Model):
 # --- EventSink ---------------------------------------------------------------
 
 
+def _cel_duration(field: str, default_seconds: float) -> str:
+    """A CEL expression for a Duration field: a number of seconds or a string such as 5s."""
+    # NOTE: CEL durations end near 292 years (Go's time.Duration), so the API
+    # server rejects a rule over a larger integer with a conversion error,
+    # where the pydantic model accepts it.
+    as_duration = (
+        f"(type(self.{field}) == int ? duration(string(self.{field}) + 's')"
+        f" : duration(self.{field}))"
+    )
+    return f"(has(self.{field}) ? {as_duration} : duration('{default_seconds}s'))"
+
+
+_BACKOFF_INITIAL = 0.1
+_BACKOFF_MAX = 30.0
+
+
 class BackoffPolicy(_Model):
     """Delay between delivery attempts."""
 
     model_config = _rules(
         (
-            "!has(self.initial) || !has(self.max) || type(self.initial) != string"
-            " || type(self.max) != string || duration(self.initial) <= duration(self.max)",
+            f"{_cel_duration('initial', _BACKOFF_INITIAL)}"
+            f" <= {_cel_duration('max', _BACKOFF_MAX)}",
             "initial must not exceed max",
         ),
     )
 
     type: Literal["linear", "exponential"] = "exponential"
-    initial: Duration = 0.1
-    max: Duration = 30.0
+    initial: Duration = _BACKOFF_INITIAL
+    max: Duration = _BACKOFF_MAX
     jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ from eventrouter.logs import configure_logging
 from eventrouter.metrics import Metrics
 from eventrouter.secretfiles import read_secret
 from eventrouter.settings import Settings
+from eventrouter.tracing import Tracing
 
 __all__ = ["Router", "is_loopback", "run"]
 
@@ -158,7 +159,12 @@ class Router:
         config = load_config(settings.config, settings.router)
         self.authenticator = build_authenticator(config, settings)
         check_bind(settings, self.authenticator)
-        self.engine = Engine(config, self.metrics, settings.grace_period, settings.secrets_dir)
+        # NOTE: tracing is set up once; a reload that changes spec.tracing
+        # applies after a restart.
+        self.tracing = Tracing(config.router.spec.tracing, config.name)
+        self.engine = Engine(
+            config, self.metrics, settings.grace_period, settings.secrets_dir, self.tracing
+        )
         self.app = IngestApp(self.engine, self.authenticator, self.metrics)
         self.admin = AdminApp(self, require_key=not is_loopback(settings.admin_host))
         self._stop = asyncio.Event()
@@ -320,6 +326,7 @@ class Router:
         await admin_task
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        self.tracing.shutdown()
         if lost:
             logger.error("router stopped; %d accepted events were not delivered", lost)
         else:

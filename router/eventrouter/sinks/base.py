@@ -9,15 +9,18 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
 
 from eventrouter.envelope import DeadLetter, Envelope
 from eventrouter.errors import DeliveryError, RetryableDeliveryError
 from eventrouter.logs import RateLimitedLog
 from eventrouter.metrics import Metrics
 from eventrouter.resources import EventSinkSpec, RetryPolicy
+from eventrouter.tracing import Tracing
 
 __all__ = ["Sink", "SinkRunner", "backoff_delay", "log_undelivered"]
 
@@ -62,6 +65,10 @@ class Sink(Protocol):
         it did not write. Sinks whose `send` can be cancelled do nothing here.
         """
 
+    def describe(self, batch: Sequence[Envelope]) -> tuple[str, SpanKind, dict[str, Any]]:
+        """Name, kind and attributes of the span of one delivery attempt."""
+        ...
+
     async def start(self) -> None: ...
 
     async def send(self, batch: Sequence[Envelope]) -> None: ...
@@ -103,6 +110,7 @@ class SinkRunner:
         overflow: str,
         metrics: Metrics,
         find_runner: Callable[[str], SinkRunner | None],
+        tracing: Tracing | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -112,6 +120,7 @@ class SinkRunner:
         self.last_error: str | None = None
         self._metrics = metrics
         self._find_runner = find_runner
+        self._tracing = tracing
         self._queue: deque[Envelope] = deque()
         self._capacity = spec.queue_size
         self._batch_size = min(spec.batch_size, sink.max_batch or spec.batch_size)
@@ -372,6 +381,36 @@ class SinkRunner:
             return RetryableDeliveryError(f"unexpected error: {exc!r}")
         return None
 
+    async def _traced_attempt(self, batch: list[Envelope], attempt: int) -> DeliveryError | None:
+        """One attempt, in a span linked to the batch's sampled events when tracing is on."""
+        tracing = self._tracing
+        span = None
+        if tracing is not None and tracing.enabled:
+            name, kind, attributes = self.sink.describe(batch)
+            attributes = {
+                **attributes,
+                "eventrouter.sink": self.name,
+                "eventrouter.attempt": attempt,
+                "messaging.batch.message_count": len(batch),
+            }
+            span = tracing.start_delivery(name, kind, (e.traceparent for e in batch), attributes)
+        if span is None:
+            return await self._attempt(batch)
+        with trace.use_span(span, end_on_exit=False):
+            error = await self._attempt(batch)
+        if error is not None:
+            span.set_status(StatusCode.ERROR, str(error)[:256])
+            span.set_attribute("error.type", type(error).__name__)
+            if error.status is not None:
+                span.set_attribute("http.response.status_code", error.status)
+            if error.retryable and attempt < self.spec.retry.max_attempts:
+                outcome = "retry"
+            else:
+                outcome = "dead_letter" if self.spec.dead_letter_sink else "dropped"
+            span.set_attribute("eventrouter.outcome", outcome)
+        span.end()
+        return error
+
     async def _deliver(self, batch: list[Envelope]) -> bool:
         """Deliver one batch with retries; return False when it was left for a successor.
 
@@ -382,7 +421,7 @@ class SinkRunner:
         attempt = 0
         while True:
             attempt += 1
-            error = await self._attempt(batch)
+            error = await self._traced_attempt(batch, attempt)
             if error is None:
                 self._record_success(batch)
                 return True

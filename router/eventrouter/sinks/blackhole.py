@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry.trace import SpanKind
 
 from eventrouter.envelope import Envelope
 
@@ -19,6 +22,9 @@ class BlackholeSink:
     def abort(self) -> None:
         # `send` is cancellable, so the runner cancels it instead.
         return None
+
+    def describe(self, batch: Sequence[Envelope]) -> tuple[str, SpanKind, dict[str, Any]]:
+        return f"deliver {self.name}", SpanKind.INTERNAL, {"eventrouter.sink.type": "blackhole"}
 
     async def start(self) -> None:
         return None

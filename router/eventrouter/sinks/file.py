@@ -14,6 +14,9 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+from opentelemetry.trace import SpanKind
 
 from eventrouter.envelope import Envelope, encode_envelope
 from eventrouter.errors import PermanentDeliveryError, RetryableDeliveryError
@@ -41,6 +44,9 @@ class FileSink:
         self._size = 0
         self._writer = LineWriter()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{name}")
+
+    def describe(self, batch: Sequence[Envelope]) -> tuple[str, SpanKind, dict[str, Any]]:
+        return f"deliver {self.name}", SpanKind.INTERNAL, {"eventrouter.sink.type": "file"}
 
     async def start(self) -> None:
         parent = self.path.parent

@@ -17,8 +17,12 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import yarl
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind
 
 from eventrouter.envelope import Envelope, encode_envelope
 from eventrouter.errors import (
@@ -85,6 +89,7 @@ class HttpSink:
         self._secrets_dir = secrets_dir
         self._session: aiohttp.ClientSession | None = None
         self._content_type = _CONTENT_TYPES[spec.format]
+        self._url = yarl.URL(spec.url)
         # With one event per request, each event is its own batch, so that a
         # retry or a dead letter concerns exactly the event that failed.
         self.max_batch: int | None = 1 if spec.format == "json" else None
@@ -92,6 +97,18 @@ class HttpSink:
     def abort(self) -> None:
         # `send` is cancellable, so the runner cancels it instead.
         return None
+
+    def describe(self, batch: Sequence[Envelope]) -> tuple[str, SpanKind, dict[str, Any]]:
+        url = self._url
+        attributes: dict[str, Any] = {
+            "eventrouter.sink.type": "http",
+            "http.request.method": self._spec.method,
+            "url.full": self._spec.url,
+            "server.address": url.host or "",
+        }
+        if url.port is not None:
+            attributes["server.port"] = url.port
+        return self._spec.method, SpanKind.CLIENT, attributes
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -119,8 +136,13 @@ class HttpSink:
                 f"secret for {field} is missing: {exc.issues[0].message}"
             ) from None
 
-    def _headers(self, body: bytes) -> dict[str, str]:
+    def _headers(self, body: bytes, traceparent: str | None) -> dict[str, str]:
         headers = {"Content-Type": self._content_type, **self._spec.headers}
+        # The attempt's span continues the trace when there is one; otherwise the
+        # event's own trace context goes on, so receivers can still join it.
+        propagate.inject(headers)
+        if traceparent and "traceparent" not in headers:
+            headers["traceparent"] = traceparent
         for index, header in enumerate(self._spec.secret_headers):
             value = self._secret(header.value_from, f"secretHeaders[{index}]")
             headers[header.name] = header.prefix + value
@@ -133,7 +155,7 @@ class HttpSink:
             headers[signature.header] = f"sha256={digest}"
         return headers
 
-    async def _post(self, body: bytes) -> None:
+    async def _post(self, body: bytes, traceparent: str | None = None) -> None:
         assert self._session is not None, "HttpSink.start() was not called"
         spec = self._spec
         try:
@@ -145,7 +167,7 @@ class HttpSink:
                 spec.method,
                 spec.url,
                 data=body,
-                headers=self._headers(body),
+                headers=self._headers(body, traceparent),
                 allow_redirects=False,
             ) as response:
                 status = response.status
@@ -177,4 +199,4 @@ class HttpSink:
             await self._post(b"".join(encode_envelope(e) + b"\n" for e in batch))
             return
         for event in batch:
-            await self._post(encode_envelope(event))
+            await self._post(encode_envelope(event), event.traceparent)

@@ -27,6 +27,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.helpers import create_ssl_context
+from opentelemetry.trace import SpanKind
 
 from eventrouter.envelope import Envelope, encode_envelope
 from eventrouter.errors import (
@@ -111,6 +112,21 @@ class KafkaSink:
     def abort(self) -> None:
         # `send` is cancellable, so the runner cancels it instead.
         return None
+
+    def describe(self, batch: Sequence[Envelope]) -> tuple[str, SpanKind, dict[str, Any]]:
+        topic = self._topic_for(batch[0]) if batch else self._spec.topic
+        return (
+            f"publish {topic}",
+            SpanKind.PRODUCER,
+            {
+                "eventrouter.sink.type": "kafka",
+                "messaging.system": "kafka",
+                "messaging.operation.type": "publish",
+                "messaging.operation.name": "send",
+                "messaging.destination.name": topic,
+                "server.address": self._spec.bootstrap_servers[0].rsplit(":", 1)[0],
+            },
+        )
 
     async def start(self) -> None:
         # Connecting waits for the first attempt, so that a broker that is down

@@ -6,6 +6,9 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from opentelemetry.trace import SpanKind
 
 from eventrouter.envelope import Envelope, encode_envelope
 from eventrouter.errors import PermanentDeliveryError, RetryableDeliveryError
@@ -30,6 +33,9 @@ class LogSink:
         self._stream_name = spec.stream
         self._writer = LineWriter()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{name}")
+
+    def describe(self, batch: Sequence[Envelope]) -> tuple[str, SpanKind, dict[str, Any]]:
+        return f"deliver {self.name}", SpanKind.INTERNAL, {"eventrouter.sink.type": "log"}
 
     async def start(self) -> None:
         return None

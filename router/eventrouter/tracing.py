@@ -1,0 +1,191 @@
+"""OpenTelemetry tracing, shaped for a hot path.
+
+The sampling decision is made once per request, before the SDK is touched: a
+W3C `traceparent` from the client decides (parent-based), and otherwise a random
+draw against the sampling ratio. An unsampled request costs one header lookup
+and one random number; its client trace context still travels with its events.
+A sampled request gets one SERVER span, whose context every event of the request
+carries in its envelope. Sinks make one span per delivery attempt, linked to
+the ingest spans of the sampled events in the batch, never one span per event.
+
+Configuration: the EventRouter's `tracing` block, overridden by the standard
+variables OTEL_TRACES_EXPORTER (otlp, console, none), OTEL_TRACES_SAMPLER_ARG
+(the ratio) and OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+
+from eventrouter import __version__
+from eventrouter.resources import TracingSpec
+
+__all__ = ["MAX_LINKS", "Tracing", "parse_traceparent"]
+
+logger = logging.getLogger(__name__)
+
+# Links per delivery span; a batch with more sampled events links the first ones.
+MAX_LINKS = 128
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def parse_traceparent(value: str | None) -> SpanContext | None:
+    """A remote span context from a W3C traceparent, or None if it is invalid."""
+    if not value:
+        return None
+    match = _TRACEPARENT.match(value.strip().lower())
+    if match is None:
+        return None
+    trace_id = int(match.group(1), 16)
+    span_id = int(match.group(2), 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    return SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(match.group(3), 16))
+    )
+
+
+def format_traceparent(context: SpanContext) -> str:
+    flags = "01" if context.trace_flags.sampled else "00"
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags}"
+
+
+class Tracing:
+    """The router's tracer, or nothing at all when tracing is off."""
+
+    def __init__(
+        self,
+        spec: TracingSpec,
+        router: str,
+        *,
+        exporter: SpanExporter | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        env = os.environ if environ is None else environ
+        kind = env.get("OTEL_TRACES_EXPORTER", spec.exporter).split(",")[0].strip() or "none"
+        ratio = spec.sampling_ratio
+        if "OTEL_TRACES_SAMPLER_ARG" in env:
+            try:
+                ratio = min(1.0, max(0.0, float(env["OTEL_TRACES_SAMPLER_ARG"])))
+            except ValueError:
+                logger.warning(
+                    "ignoring OTEL_TRACES_SAMPLER_ARG=%r: not a number between 0 and 1",
+                    env["OTEL_TRACES_SAMPLER_ARG"],
+                )
+        self.ratio = ratio
+        self.provider: TracerProvider | None = None
+        self.tracer: trace.Tracer | None = None
+        if exporter is None and kind == "none":
+            return
+        resource = Resource.create(
+            {
+                "service.name": env.get("OTEL_SERVICE_NAME", "eventrouter"),
+                "service.version": __version__,
+                "eventrouter.router": router,
+            }
+        )
+        # Sampling is decided in `start_ingest`; spans that reach the SDK are kept.
+        self.provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
+        if exporter is not None:
+            self.provider.add_span_processor(SimpleSpanProcessor(exporter))
+        elif kind == "console":
+            self.provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        elif kind == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            endpoint = spec.endpoint
+            if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
+                endpoint = endpoint.rstrip("/") + "/v1/traces"
+            self.provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint))
+            )
+        else:
+            logger.warning("unknown trace exporter %r; tracing is off", kind)
+            self.provider = None
+            return
+        self.tracer = self.provider.get_tracer("eventrouter", __version__)
+        logger.info(
+            "tracing on: exporter %s, sampling ratio %g",
+            kind if exporter is None else "custom",
+            ratio,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracer is not None
+
+    def start_ingest(
+        self, traceparent: str | None, name: str, attributes: dict[str, Any]
+    ) -> tuple[trace.Span | None, str | None]:
+        """Decide sampling for one request; return its span (if sampled) and the
+        traceparent its events carry."""
+        parent = parse_traceparent(traceparent)
+        if self.tracer is None:
+            return None, format_traceparent(parent) if parent else None
+        if parent is not None:
+            sampled = parent.trace_flags.sampled
+        else:
+            sampled = self.ratio >= 1.0 or (self.ratio > 0.0 and random.random() < self.ratio)
+        if not sampled:
+            return None, format_traceparent(parent) if parent else None
+        context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None
+        span = self.tracer.start_span(
+            name, context=context, kind=SpanKind.SERVER, attributes=attributes
+        )
+        return span, format_traceparent(span.get_span_context())
+
+    def start_delivery(
+        self,
+        name: str,
+        kind: SpanKind,
+        traceparents: Iterable[str | None],
+        attributes: dict[str, Any],
+    ) -> trace.Span | None:
+        """A span for one delivery attempt, linked to the sampled events it carries.
+
+        Returns None when no event of the batch was sampled.
+        """
+        if self.tracer is None:
+            return None
+        links: list[Link] = []
+        seen: set[str] = set()
+        for value in traceparents:
+            if value is None or not value.endswith("-01") or value in seen:
+                continue
+            seen.add(value)
+            context = parse_traceparent(value)
+            if context is not None:
+                links.append(Link(context))
+                if len(links) >= MAX_LINKS:
+                    break
+        if not links:
+            return None
+        return self.tracer.start_span(
+            name,
+            context=trace.set_span_in_context(trace.INVALID_SPAN),
+            kind=kind,
+            links=links,
+            attributes=attributes,
+        )
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
