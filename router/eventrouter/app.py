@@ -133,8 +133,17 @@ class IngestApp:
                 _end_span(span, exc.status, exc.error)
             await _respond(send, exc.status, _error(exc.error, exc.message), extra)
             return
+        except BaseException as exc:
+            # An unexpected error or a cancellation ends the span too, or it is never exported.
+            if span is not None:
+                span.record_exception(exc)
+                span.set_attribute("error.type", type(exc).__qualname__)
+                span.set_status(StatusCode.ERROR, str(exc)[:256])
+                span.end()
+            raise
         if span is not None:
-            _end_span(span, status, None)
+            # A batch whose events are all invalid gets 400 without an IngestError.
+            _end_span(span, status, "invalid_event" if status >= 400 else None)
         await _respond(send, status, payload)
 
     def _authenticate(

@@ -68,6 +68,21 @@ def format_traceparent(context: SpanContext) -> str:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags}"
 
 
+def _otlp_endpoint(configured: str | None, env: Mapping[str, str]) -> str | None:
+    """Return the OTLP/HTTP traces URL, where the standard variables override `configured`.
+
+    The variables are resolved here because an explicit endpoint would win over
+    the exporter's own reading of them. None leaves the exporter's default,
+    http://localhost:4318/v1/traces.
+    """
+    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or configured
+    if base and not base.rstrip("/").endswith("/v1/traces"):
+        return base.rstrip("/") + "/v1/traces"
+    return base
+
+
 class Tracing:
     """The router's tracer, or nothing at all when tracing is off."""
 
@@ -111,9 +126,7 @@ class Tracing:
         elif kind == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            endpoint = spec.endpoint
-            if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
-                endpoint = endpoint.rstrip("/") + "/v1/traces"
+            endpoint = _otlp_endpoint(spec.endpoint, env)
             self.provider.add_span_processor(
                 BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint))
             )

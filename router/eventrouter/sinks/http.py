@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import yarl
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from eventrouter.envelope import Envelope, encode_envelope
@@ -171,6 +171,8 @@ class HttpSink:
                 allow_redirects=False,
             ) as response:
                 status = response.status
+                # The runner sets the status on the attempt's span only for failures.
+                trace.get_current_span().set_attribute("http.response.status_code", status)
                 if status_matches(status, spec.success_status):
                     await response.read()
                     return
