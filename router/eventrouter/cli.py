@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import urllib.error
 import urllib.request
@@ -150,6 +151,37 @@ def _add_operator(commands: Any) -> None:
         action="store_true",
         help="run without peering, when only one operator replica runs",
     )
+    operator.add_argument(
+        "--priority",
+        type=_peering_priority,
+        default=0,
+        metavar="N|random",
+        help="peering priority: among live peers only the highest runs, and peers with equal "
+        "priorities all pause; 'random' picks one of 1 to 2**31-1 (default 0)",
+    )
+    operator.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="serve kopf's liveness probe at this URL, e.g. http://0.0.0.0:8080/healthz",
+    )
+    operator.add_argument(
+        "--no-scanning",
+        action="store_true",
+        help="do not list or watch Namespaces and CRDs, which needs no cluster-wide access; "
+        "then CRD changes take effect at the next restart",
+    )
+
+
+def _peering_priority(value: str) -> int:
+    if value == "random":
+        # Distinct replicas of one Deployment collide with odds of 1 in 2**31.
+        return random.randint(1, 2**31 - 1)
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid priority {value!r}: use an integer or 'random'"
+        ) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -250,10 +282,15 @@ def _operator(args: argparse.Namespace) -> int:
     import eventrouter_operator.handlers  # noqa: F401 - registers the handlers
 
     kopf.configure(verbose=False)
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = args.no_scanning
     kopf.run(
         standalone=args.standalone,
         namespaces=args.namespace or [],
         clusterwide=not args.namespace,
+        priority=args.priority,
+        liveness_endpoint=args.liveness,
+        settings=settings,
     )
     return 0
 

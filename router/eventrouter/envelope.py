@@ -66,7 +66,9 @@ def encode_envelope(envelope: Envelope) -> bytes:
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# Two Crockford digits for each 10-bit value.
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+_LOW_MASK = (1 << 40) - 1
 
 
 class IdGenerator:
@@ -88,30 +90,43 @@ class IdGenerator:
                 self._last_ms = now_ms
                 # One bit of headroom so that increments never carry into the time.
                 self._random = int.from_bytes(os.urandom(10), "big") >> 1
-            start = self._random
+            first = (self._last_ms << 80) | self._random
             self._random += count
-            base = self._last_ms << 80
-        return [_encode_ulid(base | (start + i)) for i in range(count)]
+        # The ids of one call share all but their low 40 bits (8 digits) unless
+        # the low bits carry over, so the 18 high digits are encoded once.
+        pairs = _PAIRS
+        ids = []
+        high = -1
+        prefix = ""
+        for value in range(first, first + count):
+            if value >> 40 != high:
+                high = value >> 40
+                prefix = _encode_high(high)
+            low = value & _LOW_MASK
+            ids.append(
+                prefix
+                + pairs[low >> 30]
+                + pairs[(low >> 20) & 0x3FF]
+                + pairs[(low >> 10) & 0x3FF]
+                + pairs[low & 0x3FF]
+            )
+        return ids
 
 
-def _encode_ulid(value: int) -> str:
-    # 26 Crockford base32 digits: 130 bits, of which the top 2 are zero.
+def _encode_high(high: int) -> str:
+    """The first 18 digits of a ULID: its top 90 bits, of which the top 2 are zero."""
     pairs = _PAIRS
     return (
-        _CROCKFORD[value >> 125]
-        + pairs[(value >> 115) & 0x3FF]
-        + pairs[(value >> 105) & 0x3FF]
-        + pairs[(value >> 95) & 0x3FF]
-        + pairs[(value >> 85) & 0x3FF]
-        + pairs[(value >> 75) & 0x3FF]
-        + pairs[(value >> 65) & 0x3FF]
-        + pairs[(value >> 55) & 0x3FF]
-        + pairs[(value >> 45) & 0x3FF]
-        + pairs[(value >> 35) & 0x3FF]
-        + pairs[(value >> 25) & 0x3FF]
-        + pairs[(value >> 15) & 0x3FF]
-        + pairs[(value >> 5) & 0x3FF]
-        + _CROCKFORD[value & 0x1F]
+        _CROCKFORD[high >> 85]
+        + pairs[(high >> 75) & 0x3FF]
+        + pairs[(high >> 65) & 0x3FF]
+        + pairs[(high >> 55) & 0x3FF]
+        + pairs[(high >> 45) & 0x3FF]
+        + pairs[(high >> 35) & 0x3FF]
+        + pairs[(high >> 25) & 0x3FF]
+        + pairs[(high >> 15) & 0x3FF]
+        + pairs[(high >> 5) & 0x3FF]
+        + _CROCKFORD[high & 0x1F]
     )
 
 

@@ -96,7 +96,7 @@ class Metrics:
         )
         self.sink_latency = Histogram(
             f"{_PREFIX}_sink_delivery_seconds",
-            "Time from an event's receipt to its delivery, per sink.",
+            "Time from receipt to delivery of the oldest event of each delivered batch, per sink.",
             ["sink"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,

@@ -365,8 +365,7 @@ class BackoffPolicy(_Model):
 
     model_config = _rules(
         (
-            f"{_cel_duration('initial', _BACKOFF_INITIAL)}"
-            f" <= {_cel_duration('max', _BACKOFF_MAX)}",
+            f"{_cel_duration('initial', _BACKOFF_INITIAL)} <= {_cel_duration('max', _BACKOFF_MAX)}",
             "initial must not exceed max",
         ),
     )
@@ -569,7 +568,7 @@ class EventSinkSpec(_Model):
         (
             "[has(self.log), has(self.file), has(self.blackhole), has(self.http),"
             " has(self.kafka)].filter(x, x).size() == 1",
-            "set exactly one sink type of log, file, blackhole, http or kafka",
+            "set exactly one sink type of log, file, blackhole, http, kafka",
         ),
     )
 

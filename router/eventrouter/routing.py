@@ -99,14 +99,38 @@ def _is_glob(name: str) -> bool:
     return any(ch in name for ch in "*?[")
 
 
+_CACHE_SIZE = 4096
+
+
 class RouteTable:
-    """The routes of one configuration, in the order they were defined."""
+    """The routes of one configuration, in the order they were defined.
+
+    When no route tests properties, the result depends only on the event's name
+    and `external`, so it is cached per pair (up to 4,096 pairs; when full, the
+    cache is cleared and fills again).
+    """
 
     def __init__(self, routes: Sequence[EventRoute]) -> None:
         self.routes = tuple(CompiledRoute.compile(r) for r in routes)
+        self._cacheable = all(not r.conditions for r in self.routes)
+        self._cache: dict[tuple[str, bool], tuple[list[str], list[str]]] = {}
 
     def targets(self, event: Envelope) -> tuple[list[str], list[str]]:
-        """Return the matching route names and the sinks they name, each sink once."""
+        """Return the matching route names and the sinks they name, each sink once.
+
+        The lists may be shared between calls: callers must not change them.
+        """
+        if not self._cacheable:
+            return self._match(event)
+        key = (event.name, event.external)
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.clear()
+            found = self._cache[key] = self._match(event)
+        return found
+
+    def _match(self, event: Envelope) -> tuple[list[str], list[str]]:
         matched: list[str] = []
         sinks: list[str] = []
         for route in self.routes:

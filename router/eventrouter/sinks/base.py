@@ -450,11 +450,12 @@ class SinkRunner:
                 return False
 
     def _record_success(self, batch: list[Envelope]) -> None:
-        now = time.time()
+        if not batch:
+            return
         self._delivered.inc(len(batch))
-        observe = self._latency.observe
-        for event in batch:
-            observe(max(0.0, now - event.received_at.timestamp()))
+        # One observation per batch, for its oldest event: per event it cost
+        # more than the rest of the hot path together (about 2.7 us an event).
+        self._latency.observe(max(0.0, time.time() - batch[0].received_at.timestamp()))
         if not self.ready:
             logger.info("sink %s is delivering again", self.name, extra={"sink": self.name})
         self.ready = True
