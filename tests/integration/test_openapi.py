@@ -545,6 +545,11 @@ def _sessions_turned_off(routers: Routers) -> httpx.Response:
     return websocket_handshake(routers.start([config]), "/ws")
 
 
+@case("get", "/ws", 426, error="upgrade_required")
+def _session_without_upgrade(routers: Routers) -> httpx.Response:
+    return httpx.get(ingest_url(routers.open, "/ws"))
+
+
 @case("get", "/ws", 503, "in process", error="shutting_down")
 def _session_shutting_down(routers: Routers) -> httpx.Response:
     router = in_process_router(routers.tmp_path)
