@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -341,8 +342,25 @@ def _bound_port(server: uvicorn.Server, fallback: int) -> int:
     return fallback
 
 
+def _open_standard_descriptors() -> None:
+    """Point descriptors 0, 1 and 2 at /dev/null when the process started without them.
+
+    Otherwise the first sockets would take those numbers, and the log sink
+    would write events into a client connection.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def run(settings: Settings) -> int:
     """Run a router in this process until it is stopped; return the exit status."""
+    _open_standard_descriptors()
     configure_logging(settings.log_level, settings.log_format)
 
     async def main() -> int:

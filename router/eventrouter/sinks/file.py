@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind
 from eventrouter.envelope import Envelope, encode_envelope
 from eventrouter.errors import PermanentDeliveryError, RetryableDeliveryError
 from eventrouter.resources import FileSinkSpec
-from eventrouter.sinks.lines import LineWriter, WriteAborted
+from eventrouter.sinks.lines import LineWriter, WriteAborted, WriteFailed
 
 
 class FileSink:
@@ -59,6 +59,10 @@ class FileSink:
         self._writer.abort()
 
     def _open(self) -> int:
+        if self._fd is not None and not self._still_at_path(self._fd):
+            # The file was removed or renamed (by logrotate, say): writing on
+            # would put events in a file that no longer has this name.
+            self._close_file()
         if self._fd is None:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             if self.path.is_fifo():
@@ -67,6 +71,14 @@ class FileSink:
                 self._fd = os.open(self.path, flags, 0o644)
             self._size = os.fstat(self._fd).st_size
         return self._fd
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)
 
     def _rotate(self) -> None:
         self._close_file()
@@ -101,6 +113,12 @@ class FileSink:
             raise RetryableDeliveryError(
                 "write stopped by shutdown", failed=range(exc.written, len(batch))
             ) from None
+        except WriteFailed as exc:
+            # The lines before the failure are in the file; only the rest is retried.
+            self._close_file()
+            raise RetryableDeliveryError(
+                f"write to {self.path} failed: {exc.error}", failed=range(exc.written, len(batch))
+            ) from exc
         except (PermissionError, IsADirectoryError) as exc:
             raise PermanentDeliveryError(f"cannot write {self.path}: {exc.strerror}") from exc
         except OSError as exc:

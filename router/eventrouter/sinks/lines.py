@@ -9,6 +9,7 @@ good, and after `abort` the writer knows exactly how many lines went out.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-__all__ = ["LineWriter", "WriteAborted"]
+__all__ = ["LineWriter", "WriteAborted", "WriteFailed"]
 
 _POLL_SECONDS = 0.05
 _FILE_CHUNK = 1024 * 1024
@@ -30,6 +31,15 @@ class WriteAborted(Exception):
     def __init__(self, written: int) -> None:
         self.written = written
         super().__init__(f"write stopped after {written} lines")
+
+
+class WriteFailed(Exception):
+    """A write failed after `written` whole lines of the batch went out."""
+
+    def __init__(self, written: int, error: OSError) -> None:
+        self.written = written
+        self.error = error
+        super().__init__(f"write failed after {written} lines: {error}")
 
 
 def _chunks(lines: Sequence[bytes], limit: int) -> Iterator[tuple[bytes, int]]:
@@ -76,17 +86,31 @@ class LineWriter:
             return fd
 
     def write(self, fd: int, lines: Sequence[bytes]) -> None:
-        """Write every line; raise `WriteAborted` with the count if stopped."""
-        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        """Write every line; raise `WriteAborted` or `WriteFailed` with the count.
+
+        On a regular file, a chunk that fails part way (a full disk) is cut off
+        again with ftruncate, so the file never keeps a torn line and the lines
+        counted as written are exactly those in the file.
+        """
+        mode = os.fstat(fd).st_mode
+        is_pipe = stat.S_ISFIFO(mode)
+        is_file = stat.S_ISREG(mode)
         limit = select.PIPE_BUF if is_pipe else _FILE_CHUNK
         written = 0
         for chunk, count in _chunks(lines, limit):
             view = memoryview(chunk)
-            while view:
-                if self._aborted.is_set():
-                    raise WriteAborted(written)
-                if is_pipe and not select.select([], [fd], [], _POLL_SECONDS)[1]:
-                    continue
-                sent = os.write(fd, view)
-                view = view[sent:]
+            start = os.lseek(fd, 0, os.SEEK_END) if is_file else 0
+            try:
+                while view:
+                    if self._aborted.is_set():
+                        raise WriteAborted(written)
+                    if is_pipe and not select.select([], [fd], [], _POLL_SECONDS)[1]:
+                        continue
+                    sent = os.write(fd, view)
+                    view = view[sent:]
+            except OSError as exc:
+                if is_file:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)
+                raise WriteFailed(written, exc) from exc
             written += count

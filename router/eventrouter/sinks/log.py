@@ -13,7 +13,7 @@ from opentelemetry.trace import SpanKind
 from eventrouter.envelope import Envelope, encode_envelope
 from eventrouter.errors import PermanentDeliveryError, RetryableDeliveryError
 from eventrouter.resources import LogSinkSpec
-from eventrouter.sinks.lines import LineWriter, WriteAborted
+from eventrouter.sinks.lines import LineWriter, WriteAborted, WriteFailed
 
 
 class LogSink:
@@ -45,9 +45,11 @@ class LogSink:
 
     def _write(self, lines: list[bytes]) -> None:
         stream = sys.stdout if self._stream_name == "stdout" else sys.stderr
-        # Anything written through the text layer goes out first.
-        stream.flush()
-        self._writer.write(stream.fileno(), lines)
+        # Anything written through the text layer goes out first. The stream is
+        # None when the process started with that descriptor closed.
+        if stream is not None:
+            stream.flush()
+        self._writer.write(1 if self._stream_name == "stdout" else 2, lines)
 
     async def send(self, batch: Sequence[Envelope]) -> None:
         lines = [encode_envelope(e) + b"\n" for e in batch]
@@ -58,6 +60,16 @@ class LogSink:
             raise RetryableDeliveryError(
                 "write stopped by shutdown", failed=range(exc.written, len(batch))
             ) from None
+        except WriteFailed as exc:
+            if isinstance(exc.error, BrokenPipeError):
+                raise PermanentDeliveryError(
+                    f"{self._stream_name} is closed: {exc.error}",
+                    failed=range(exc.written, len(batch)),
+                ) from exc
+            raise RetryableDeliveryError(
+                f"write to {self._stream_name} failed: {exc.error}",
+                failed=range(exc.written, len(batch)),
+            ) from exc
         except BrokenPipeError as exc:
             raise PermanentDeliveryError(f"{self._stream_name} is closed: {exc}") from exc
         except OSError as exc:
