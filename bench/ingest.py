@@ -75,18 +75,49 @@ def wait_ready(port: int, path: str, timeout: float = 20.0) -> None:
 
 def start_floor(port: int) -> subprocess.Popen[bytes]:
     command = [
-        "taskset", "-c", "0", PYTHON, "-m", "uvicorn", "floor_asgi:app",
-        "--app-dir", str(HERE / "stacks"), "--host", "127.0.0.1", "--port", str(port),
-        "--http", "httptools", "--loop", "uvloop", "--log-level", "warning", "--no-access-log",
+        "taskset",
+        "-c",
+        "0",
+        PYTHON,
+        "-m",
+        "uvicorn",
+        "floor_asgi:app",
+        "--app-dir",
+        str(HERE / "stacks"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--http",
+        "httptools",
+        "--loop",
+        "uvloop",
+        "--log-level",
+        "warning",
+        "--no-access-log",
     ]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start_router(port: int, config: Path) -> subprocess.Popen[bytes]:
     command = [
-        "taskset", "-c", "0", PYTHON, "-m", "eventrouter", "serve", "-f", str(config),
-        "--port", str(port), "--admin-port", str(free_port()),
-        "--log-level", "WARNING", "--reload-interval", "0",
+        "taskset",
+        "-c",
+        "0",
+        PYTHON,
+        "-m",
+        "eventrouter",
+        "serve",
+        "-f",
+        str(config),
+        "--port",
+        str(port),
+        "--admin-port",
+        str(free_port()),
+        "--log-level",
+        "WARNING",
+        "--reload-interval",
+        "0",
     ]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -95,8 +126,20 @@ def run_wrk(port: int, path: str, body: Path, seconds: int, script: Path) -> flo
     """Requests per second that wrk measured."""
     output = subprocess.run(
         [
-            "taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "--timeout", "5s",
-            "-s", str(script), f"http://127.0.0.1:{port}{path}", "--", str(body),
+            "taskset",
+            "-c",
+            "1",
+            "wrk",
+            "-t1",
+            "-c64",
+            f"-d{seconds}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}{path}",
+            "--",
+            str(body),
         ],
         check=True,
         capture_output=True,
@@ -162,7 +205,10 @@ def main() -> int:
     print(f"date: {time.strftime('%Y-%m-%d')}; {args.rounds} rounds of {args.seconds}s each")
     print("| workload | floor | router | router / floor |")
     print("|---|---|---|---|")
-    for key, label in (("single", "single events, requests/s"), ("batched_events", "batches of 50, events/s")):
+    for key, label in (
+        ("single", "single events, requests/s"),
+        ("batched_events", "batches of 50, events/s"),
+    ):
         floor = statistics.median(r[key] for r in results["floor"])
         router = statistics.median(r[key] for r in results["router"])
         print(f"| {label} | {floor:,.0f} | {router:,.0f} | {router / floor:.2f} |")

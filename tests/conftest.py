@@ -148,14 +148,18 @@ class RouterProcess:
                 lines.append({"message": line})
         return lines
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    def wait_for(
+        self, predicate: Callable[[], bool], timeout: float = 30.0, what: str = ""
+    ) -> None:
         """Poll `predicate` until it holds; fail with `what` after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():
                 return
             if self.process.poll() is not None:
-                pytest.fail(f"router exited with {self.process.returncode} while waiting for {what}")
+                pytest.fail(
+                    f"router exited with {self.process.returncode} while waiting for {what}"
+                )
             time.sleep(0.05)
         pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
@@ -180,8 +184,14 @@ def start_router(
 ) -> RouterProcess:
     port, admin_port = free_port(), free_port()
     command = [
-        sys.executable, "-m", "eventrouter", "serve",
-        "--port", str(port), "--admin-port", str(admin_port),
+        sys.executable,
+        "-m",
+        "eventrouter",
+        "serve",
+        "--port",
+        str(port),
+        "--admin-port",
+        str(admin_port),
     ]
     for file in files or []:
         command += ["-f", str(file)]
@@ -195,7 +205,11 @@ def start_router(
             command, stdout=stdout, stderr=stderr, env=environment, cwd=tmp_path
         )
     router = RouterProcess(
-        process, port, admin_port, stderr_path, process.stdout if stdout == subprocess.PIPE else None
+        process,
+        port,
+        admin_port,
+        stderr_path,
+        process.stdout if stdout == subprocess.PIPE else None,
     )
 
     def ready() -> bool:
