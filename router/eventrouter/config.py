@@ -149,6 +149,14 @@ def _parse_text(file: str, text: str) -> tuple[list[tuple[int, Any]], list[Confi
     # not show up as "not found", and the error names the document that failed.
     bodies: list[Any] = []
     issues: list[ConfigIssue] = []
+    if len(text) > _MAX_FILE_CHARS:
+        message = f"file is larger than {_MAX_FILE_CHARS} characters; split it into several files"
+        return [], [ConfigIssue(file, None, None, "", message)]
+    aliases = _count_aliases(text)
+    if aliases > _MAX_ALIASES:
+        # Aliases of aliases expand exponentially (a "billion laughs" file).
+        message = f"file uses {aliases} YAML aliases, more than {_MAX_ALIASES}; write values out"
+        return [], [ConfigIssue(file, None, None, "", message)]
     try:
         for body in yaml.safe_load_all(text):
             bodies.append(body)
@@ -157,7 +165,28 @@ def _parse_text(file: str, text: str) -> tuple[list[tuple[int, Any]], list[Confi
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         issues.append(ConfigIssue(file, len(bodies), None, "", f"invalid YAML{where}: {problem}"))
+    except (ValueError, TypeError, RecursionError) as exc:
+        # PyYAML raises these for values it parses but cannot build, such as
+        # the date 2025-02-30, `!!int "0x"` or very deep nesting.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        issues.append(ConfigIssue(file, len(bodies), None, "", f"invalid YAML value: {reason}"))
+    if not bodies and not issues:
+        issues.append(ConfigIssue(file, None, None, "", "file holds no YAML documents"))
     return [(i, body) for i, body in enumerate(bodies) if body is not None], issues
+
+
+_MAX_FILE_CHARS = 4 * 1024 * 1024
+_MAX_ALIASES = 100
+
+
+def _count_aliases(text: str) -> int:
+    if "*" not in text:
+        return 0
+    try:
+        return sum(1 for event in yaml.parse(text) if isinstance(event, yaml.AliasEvent))
+    except yaml.YAMLError:
+        # safe_load_all reports the syntax error with its position.
+        return 0
 
 
 def load_documents(

@@ -126,9 +126,11 @@ class _Model(BaseModel):
 
 
 class ObjectMeta(BaseModel):
-    """The part of Kubernetes object metadata that the router reads; the rest is kept."""
+    """The part of Kubernetes object metadata that the router reads."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # Other metadata (uid, resourceVersion, managedFields) is dropped: nothing
+    # reads it, and a dump of the model never carries it along.
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     name: Name
     namespace: str | None = None
@@ -606,7 +608,8 @@ class EventSinkSpec(_Model):
 class _Resource(_Model):
     api_version: Literal["eventrouter.io/v1alpha1"]
     metadata: ObjectMeta
-    status: dict[str, Any] | None = None
+    # Written by the operator; read by nobody here, so kept out of dumps and digests.
+    status: dict[str, Any] | None = Field(default=None, exclude=True)
 
 
 class EventRouter(_Resource):
