@@ -67,13 +67,16 @@ def _resolve(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> dict[str, An
 
 def _int_or_string(schema: Mapping[str, Any]) -> dict[str, Any]:
     # A structural schema may not give types inside anyOf, so an integer or a
-    # string is x-kubernetes-int-or-string, with the string checks at the top:
-    # the API server applies pattern and maxLength to string values only.
+    # string is x-kubernetes-int-or-string, with the checks of both at the top.
+    # The API server applies pattern and maxLength to string values only, and
+    # minimum and maximum to integer values only.
     node: dict[str, Any] = {"x-kubernetes-int-or-string": True}
     for branch in schema.get("anyOf", []):
         if branch.get("type") == "string":
             node.update({k: v for k, v in branch.items() if k in ("pattern", "maxLength")})
             node.setdefault("maxLength", _MAX_STRING)
+        elif branch.get("type") == "integer":
+            node.update({k: v for k, v in branch.items() if k in ("minimum", "maximum")})
     if "enum" in schema:
         node["enum"] = schema["enum"]
     if "description" in schema:
