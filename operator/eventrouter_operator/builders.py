@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
@@ -34,6 +35,7 @@ __all__ = [
     "Resolution",
     "ResourceStatus",
     "build_objects",
+    "file_sink_folders",
     "resolve_router",
     "secret_names",
 ]
@@ -70,6 +72,8 @@ class Resolution:
     config_text: str = ""
     digest: str = ""
     secrets: list[str] = field(default_factory=list)
+    router_missing_secrets: list[str] = field(default_factory=list)
+    """Secrets that the router's own spec (auth) names and the namespace lacks."""
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -123,8 +127,13 @@ def resolve_router(
     router, error = _validate(EventRouter, router_body)
     name = router_body["metadata"]["name"]
     resolution = Resolution(router=router, router_error=error)
+    if router is not None:
+        resolution.router_missing_secrets = [
+            s for s in secret_names(router.spec) if s not in existing_secrets
+        ]
 
     sinks: dict[str, EventSink] = {}
+    invalid_sinks: set[str] = set()
     for body in sink_bodies:
         sink_name = body["metadata"]["name"]
         sink, sink_error = _validate(EventSink, body)
@@ -132,6 +141,7 @@ def resolve_router(
             resolution.sink_status[sink_name] = [
                 ResourceStatus("Ready", False, "InvalidSpec", sink_error or "invalid")
             ]
+            invalid_sinks.add(sink_name)
             continue
         missing = [s for s in secret_names(sink.spec) if s not in existing_secrets]
         if missing:
@@ -163,23 +173,13 @@ def resolve_router(
                 ResourceStatus("ResolvedRefs", False, "InvalidSpec", "the route is not valid"),
             ]
             continue
-        missing = [s for s in route.spec.sinks if s not in sinks]
+        unusable = [s for s in route.spec.sinks if s not in sinks]
         letters = _missing_dead_letters(route.spec.sinks, sinks)
         accepted = ResourceStatus("Accepted", True, "Accepted", f"the route belongs to {name}")
-        if missing or letters:
-            parts = []
-            if missing:
-                parts.append(f"EventSink {', '.join(missing)} not found")
-            if letters:
-                parts.append(f"dead-letter EventSink {', '.join(letters)} not found")
+        if unusable or letters:
             resolution.route_status[route_name] = [
                 accepted,
-                ResourceStatus(
-                    "ResolvedRefs",
-                    False,
-                    "SinkNotFound",
-                    "; ".join(parts) + "; create it or remove it from the route",
-                ),
+                _unresolved(unusable, letters, invalid_sinks),
             ]
             continue
         resolution.route_status[route_name] = [
@@ -192,6 +192,24 @@ def resolve_router(
         return resolution
     _finish(resolution, router, sinks)
     return resolution
+
+
+def _unresolved(sinks: list[str], letters: list[str], invalid: set[str]) -> ResourceStatus:
+    """Build the ResolvedRefs=False condition of a route with missing or invalid sinks."""
+    missing = [s for s in sinks if s not in invalid]
+    missing_letters = [s for s in letters if s not in invalid]
+    broken = [s for s in sinks + letters if s in invalid]
+    parts = []
+    if missing:
+        parts.append(f"EventSink {', '.join(missing)} not found")
+    if missing_letters:
+        parts.append(f"dead-letter EventSink {', '.join(missing_letters)} not found")
+    if parts:
+        parts[-1] += "; create it or remove it from the route"
+    if broken:
+        parts.append(f"EventSink {', '.join(broken)} is not valid; its status says why")
+    reason = "SinkNotFound" if missing or missing_letters else "InvalidSink"
+    return ResourceStatus("ResolvedRefs", False, reason, "; ".join(parts))
 
 
 def _missing_dead_letters(names: Iterable[str], sinks: Mapping[str, EventSink]) -> list[str]:
@@ -246,6 +264,26 @@ def _document(resource: EventRouter | EventRoute | EventSink) -> dict[str, Any]:
 
 
 # --- objects -------------------------------------------------------------------
+
+# The kernel's folders, which an emptyDir must never cover.
+_SYSTEM_FOLDERS = (PurePosixPath("/dev"), PurePosixPath("/proc"), PurePosixPath("/sys"))
+
+
+def file_sink_folders(resolution: Resolution) -> list[str]:
+    """Return the absolute folders that file sinks write to, except system folders and mounts."""
+    # The config and Secret mounts are read-only, so a file sink there fails anyway.
+    reserved = (*_SYSTEM_FOLDERS, PurePosixPath(CONFIG_DIR), PurePosixPath(SECRETS_DIR))
+    folders = set()
+    for sink in resolution.sinks.values():
+        if sink.spec.file is None:
+            continue
+        folder = PurePosixPath(sink.spec.file.path).parent
+        if not folder.is_absolute() or folder == PurePosixPath("/"):
+            continue
+        if any(folder == r or r in folder.parents for r in reserved):
+            continue
+        folders.add(str(folder))
+    return sorted(folders)
 
 
 def labels(router: str) -> dict[str, str]:
@@ -363,6 +401,13 @@ def build_objects(
         container["volumeMounts"].append(
             {"name": volume, "mountPath": f"{SECRETS_DIR}/{secret}", "readOnly": True}
         )
+    for index, folder in enumerate(file_sink_folders(resolution)):
+        # The root filesystem is read-only, so each folder that a file sink
+        # writes to gets a writable volume.
+        # NOTE: an emptyDir lives as long as the pod, so the files go with it.
+        volume = f"data-{index}"
+        volumes.append({"name": volume, "emptyDir": {}})
+        container["volumeMounts"].append({"name": volume, "mountPath": folder})
     deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

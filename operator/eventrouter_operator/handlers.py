@@ -61,7 +61,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Two replicas of the operator never handle the same objects at once.
     settings.peering.name = os.environ.get("EVENTROUTER_PEERING", "eventrouter-operator")
     settings.peering.mandatory = os.environ.get("EVENTROUTER_PEERING_MANDATORY", "") == "true"
-    settings.peering.standalone = os.environ.get("EVENTROUTER_STANDALONE", "") == "true"
+    # `eventrouter operator --standalone` passes standalone=True to kopf.run,
+    # which sets this before the startup handlers run, so only turn it on here.
+    if os.environ.get("EVENTROUTER_STANDALONE", "") == "true":
+        settings.peering.standalone = True
     # Only warnings and errors become Kubernetes Events.
     settings.posting.level = logging.WARNING
 

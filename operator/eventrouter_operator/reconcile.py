@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 FIELD_MANAGER = MANAGED_BY
 _PLURALS = {"EventRouter": "eventrouters", "EventRoute": "eventroutes", "EventSink": "eventsinks"}
+# Kinds that build_objects makes only for some specs. The reconcile deletes
+# them when the spec no longer requires them.
+_OPTIONAL_KINDS = frozenset({"HorizontalPodAutoscaler", "PodDisruptionBudget"})
 
 
 def subset_matches(desired: Any, live: Any) -> bool:
@@ -141,6 +144,11 @@ class Reconciler:
                     exc.status,
                     exc.reason,
                 )
+            except Exception:
+                # An unexpected error in one router must not stop the others either.
+                logger.exception(
+                    "reconciling EventRouter %s/%s failed", namespace, router["metadata"]["name"]
+                )
         for route in routes:
             target = route.get("spec", {}).get("router")
             if target not in names:
@@ -195,10 +203,13 @@ class Reconciler:
             return
 
         ready_replicas = 0
-        for desired in build_objects(router, resolution, image=self.image):
+        objects = build_objects(router, resolution, image=self.image)
+        for desired in objects:
             live = self._apply(desired)
             if desired["kind"] == "Deployment" and live is not None:
                 ready_replicas = int((live.get("status") or {}).get("readyReplicas") or 0)
+        for kind in _OPTIONAL_KINDS.difference(o["kind"] for o in objects):
+            self._delete_owned(kind, router)
         self._patch_status(
             router,
             self._router_conditions(router, resolution, ready_replicas),
@@ -213,7 +224,12 @@ class Reconciler:
         self, router: dict[str, Any], resolution: Resolution, ready: int
     ) -> list[ResourceStatus]:
         spec = resolution.router.spec if resolution.router else None
-        wanted = spec.replicas if spec and not spec.autoscaling.enabled else 1
+        if spec is None:
+            wanted = 1
+        elif spec.autoscaling.enabled:
+            wanted = spec.autoscaling.min_replicas
+        else:
+            wanted = spec.replicas
         broken_routes = sorted(
             n for n, s in resolution.route_status.items() if not all(c.status for c in s)
         )
@@ -227,6 +243,11 @@ class Reconciler:
             problems.append(f"routes not served: {', '.join(broken_routes)}")
         if broken_sinks:
             problems.append(f"sinks not ready: {', '.join(broken_sinks)}")
+        if resolution.router_missing_secrets:
+            problems.append(
+                f"Secret {', '.join(resolution.router_missing_secrets)} of spec.auth not found "
+                "in the namespace, so the router cannot start until it is created"
+            )
         auth = spec.auth if spec else None
         if auth is not None and auth.api_keys is None:
             problems.append(
@@ -312,6 +333,33 @@ class Reconciler:
         )
         applied: dict[str, Any] = self.api.sanitize_for_serialization(result)  # type: ignore[no-untyped-call]
         return applied
+
+    def _delete_owned(self, kind: str, router: dict[str, Any]) -> None:
+        """Delete the router's `kind` object if this router owns it.
+
+        An HPA left behind after autoscaling is turned off would keep scaling
+        the Deployment against spec.replicas. An object of the same name that
+        the router does not own is left alone.
+        """
+        meta = router["metadata"]
+        probe = {"kind": kind, "metadata": {"name": meta["name"], "namespace": meta["namespace"]}}
+        live = self._read(probe)
+        if live is None:
+            return
+        owners = (live.get("metadata") or {}).get("ownerReferences") or []
+        if not any(o.get("uid") == meta["uid"] for o in owners):
+            return
+        deleters = {
+            "HorizontalPodAutoscaler": self.autoscaling.delete_namespaced_horizontal_pod_autoscaler,
+            "PodDisruptionBudget": self.policy.delete_namespaced_pod_disruption_budget,
+        }
+        self.writes += 1
+        logger.info("deleting %s/%s %s", meta["namespace"], meta["name"], kind)
+        try:
+            deleters[kind](meta["name"], meta["namespace"])
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def _patch_status(
         self,
