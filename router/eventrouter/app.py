@@ -133,8 +133,30 @@ class IngestApp:
                 _end_span(span, exc.status, exc.error)
             await _respond(send, exc.status, _error(exc.error, exc.message), extra)
             return
+        except Exception as exc:
+            # A bug must not cost the client a plain-text 500 or the log a
+            # traceback per request: answer in JSON and log at most once in 10 s.
+            if span is not None:
+                span.record_exception(exc)
+                span.set_attribute("error.type", type(exc).__qualname__)
+                span.set_status(StatusCode.ERROR, str(exc)[:256])
+                span.end()
+            self.metrics.rejected.labels("internal_error").inc()
+            self._denied.log(
+                logging.ERROR,
+                f"internal:{type(exc).__name__}",
+                "request to %s failed with an internal error: %r",
+                path,
+                exc,
+            )
+            await _respond(
+                send,
+                500,
+                _error("internal_error", "the router failed to handle this request; see its log"),
+            )
+            return
         except BaseException as exc:
-            # An unexpected error or a cancellation ends the span too, or it is never exported.
+            # A cancellation ends the span too, or it is never exported.
             if span is not None:
                 span.record_exception(exc)
                 span.set_attribute("error.type", type(exc).__qualname__)

@@ -185,19 +185,28 @@ class EventDecoder:
 
     def decode_one(self, body: bytes) -> Any:
         """Decode a single event; raise `msgspec.ValidationError` or `DecodeError`."""
-        return self._event.decode(body)
+        try:
+            return self._event.decode(body)
+        except RecursionError:
+            raise msgspec.DecodeError(_TOO_DEEP) from None
 
     def decode_batch(self, body: bytes) -> tuple[list[Any], list[EventError]]:
         """Decode a batch into its valid events and one error per invalid event."""
-        raws: list[msgspec.Raw] = self._batch.decode(body).events
+        try:
+            raws: list[msgspec.Raw] = self._batch.decode(body).events
+        except RecursionError:
+            raise msgspec.DecodeError(_TOO_DEEP) from None
         events: list[Any] = []
         errors: list[EventError] = []
         for index, raw in enumerate(raws):
             try:
-                events.append(self._event.decode(raw))
+                events.append(self.decode_one(raw))
             except msgspec.DecodeError as exc:
                 errors.append(EventError(index, describe_decode_error(exc, f"events[{index}]")))
         return events, errors
+
+
+_TOO_DEEP = "JSON is nested too deeply; events hold a name, string properties and a timestamp"
 
 
 def describe_decode_error(exc: msgspec.DecodeError, prefix: str = "") -> str:

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,7 +132,11 @@ class _Server(uvicorn.Server):
 
 
 def _uvicorn_config(
-    app: object, host: str, port: int, ws_max_bytes: int | None = None
+    app: object,
+    host: str,
+    port: int,
+    ws_max_bytes: int | None = None,
+    limit_concurrency: int | None = None,
 ) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
@@ -148,6 +153,8 @@ def _uvicorn_config(
         log_config=None,
         server_header=False,
         timeout_graceful_shutdown=5,
+        # Beyond this many open connections and sessions, new requests get 503.
+        limit_concurrency=limit_concurrency,
     )
 
 
@@ -170,6 +177,7 @@ class Router:
         self.admin = AdminApp(self, require_key=not is_loopback(settings.admin_host))
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._signal_tasks: set[asyncio.Future[bool]] = set()
         self._fingerprint = self._files_fingerprint()
 
     # --- reload ------------------------------------------------------------------
@@ -196,7 +204,10 @@ class Router:
         async with self._reload_lock:
             self._fingerprint = self._files_fingerprint()
             try:
-                config = load_config(self.settings.config, self.settings.router)
+                # Parsing runs on a thread, so large files do not hold up requests.
+                config = await asyncio.to_thread(
+                    load_config, self.settings.config, self.settings.router
+                )
                 authenticator = build_authenticator(config, self.settings)
                 check_bind(self.settings, authenticator)
                 if config.digest == self.engine.config.digest:
@@ -244,8 +255,20 @@ class Router:
         interval = self.settings.reload_interval
         while True:
             await asyncio.sleep(interval)
-            if self._files_fingerprint() != self._fingerprint:
-                await self.reload("files changed")
+            try:
+                if self._files_fingerprint() != self._fingerprint:
+                    await self.reload("files changed")
+            except Exception:
+                # The watcher must outlive any one bad reload.
+                logger.exception("checking the configuration files for changes failed")
+
+    def _reload_on_signal(self) -> None:
+        if self._stop.is_set():
+            logger.info("ignoring SIGHUP: the router is stopping")
+            return
+        task = asyncio.ensure_future(self.reload("SIGHUP"))
+        self._signal_tasks.add(task)
+        task.add_done_callback(self._signal_tasks.discard)
 
     # --- run ---------------------------------------------------------------------
 
@@ -264,21 +287,30 @@ class Router:
         # NOTE: the WebSocket message limit is read once here; a reload that
         # changes spec.sessions.maxMessageBytes applies after a restart.
         sessions = self.engine.config.router.spec.sessions
+        # The listening sockets are bound here, so that a port in use is a
+        # clear error instead of uvicorn's exit from inside a task.
+        try:
+            ingest_socket = _bind(settings.host, settings.port)
+            admin_socket = _bind(settings.admin_host, settings.admin_port)
+        except OSError as exc:
+            logger.error("%s", exc)
+            await self.engine.drain(0)
+            return 1
         ingest = _Server(
-            _uvicorn_config(self.app, settings.host, settings.port, sessions.max_message_bytes)
+            _uvicorn_config(
+                self.app,
+                settings.host,
+                settings.port,
+                sessions.max_message_bytes,
+                limit_concurrency=settings.max_connections,
+            )
         )
         admin = _Server(_uvicorn_config(self.admin, settings.admin_host, settings.admin_port))
-        admin_task = asyncio.create_task(admin.serve(), name="admin-server")
-        ingest_task = asyncio.create_task(ingest.serve(), name="ingest-server")
+        admin_task = asyncio.create_task(admin.serve([admin_socket]), name="admin-server")
+        ingest_task = asyncio.create_task(ingest.serve([ingest_socket]), name="ingest-server")
         while not (ingest.started and admin.started):
             if ingest_task.done() or admin_task.done():
-                logger.error(
-                    "could not listen on %s:%d or %s:%d; is another process using the port?",
-                    settings.host,
-                    settings.port,
-                    settings.admin_host,
-                    settings.admin_port,
-                )
+                logger.error("the HTTP servers failed to start")
                 ingest.should_exit = admin.should_exit = True
                 await asyncio.gather(ingest_task, admin_task, return_exceptions=True)
                 await self.engine.drain(0)
@@ -287,7 +319,7 @@ class Router:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         watcher = (
             asyncio.create_task(self._watch_files(), name="config-watcher")
             if settings.config and settings.reload_interval > 0
@@ -322,17 +354,84 @@ class Router:
         await self.app.sessions.close_all(timeout=min(5.0, settings.grace_period))
         ingest.should_exit = True
         await ingest_task
-        lost = await self.engine.drain()
+        await self.engine.drain()
+        # Counted from the metrics, so that events cut off anywhere (ring buffer,
+        # a worker waiting for room, a sink) are all included.
+        lost = round(_shutdown_drops(self.metrics))
         admin.should_exit = True
         await admin_task
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         self.tracing.shutdown()
+        totals = _outcome_totals(self.metrics)
+        summary = (
+            f"delivered {totals['delivered']:.0f}, dead-lettered {totals['dead_lettered']:.0f}, "
+            f"dropped {totals['dropped']:.0f} by sinks and {totals['buffer_dropped']:.0f} by "
+            "the ring buffer over the run"
+        )
         if lost:
-            logger.error("router stopped; %d accepted events were not delivered", lost)
+            logger.error(
+                "router stopped; %d accepted events were not delivered at shutdown; %s",
+                lost,
+                summary,
+                extra=totals,
+            )
+        elif totals["dropped"] or totals["buffer_dropped"]:
+            logger.warning(
+                "router stopped; nothing was left at shutdown, but events were dropped: %s",
+                summary,
+                extra=totals,
+            )
         else:
-            logger.info("router stopped; every accepted event was delivered")
+            logger.info(
+                "router stopped; every accepted event was delivered: %s", summary, extra=totals
+            )
         return 0
+
+
+def _outcome_totals(metrics: Metrics) -> dict[str, float]:
+    """Events per outcome over all sinks, and the ring buffer's drops, from the metrics."""
+    totals = {"delivered": 0.0, "dead_lettered": 0.0, "dropped": 0.0, "buffer_dropped": 0.0}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "eventrouter_sink_events_total":
+                outcome = sample.labels.get("outcome", "")
+                if outcome in totals:
+                    totals[outcome] += sample.value
+            elif sample.name == "eventrouter_buffer_dropped_total":
+                totals["buffer_dropped"] += sample.value
+    return totals
+
+
+def _shutdown_drops(metrics: Metrics) -> float:
+    total = 0.0
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.labels.get("reason") == "shutdown" and sample.name in (
+                "eventrouter_buffer_dropped_total",
+                "eventrouter_sink_dropped_total",
+            ):
+                total += sample.value
+    return total
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; raise OSError with a message that says what to do."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno,
+            f"cannot listen on {host}:{port}: {exc.strerror}; another process may be using "
+            "the port (Nakama uses 7350 and 7351): choose others with --port and --admin-port",
+        ) from exc
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
 
 
 def _bound_port(server: uvicorn.Server, fallback: int) -> int:

@@ -268,6 +268,11 @@ class SessionManager:
         self._received.inc()
         try:
             event = self.app.decoder.decode_one(orjson.dumps(event_body))
+        except (orjson.JSONEncodeError, RecursionError):
+            # orjson encodes less nesting than it decodes.
+            self._rejected.labels("invalid").inc()
+            await self._reply(session, cid, error="event: JSON is nested too deeply")
+            return
         except msgspec.DecodeError as exc:
             self._rejected.labels("invalid").inc()
             await self._reply(session, cid, error=describe_decode_error(exc, "event"))

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     """File with one API key per line; overrides spec.auth.apiKeys."""
     secrets_dir: Path = Path("/var/run/secrets/eventrouter")
     """Where Secrets named by secretKeyRef are mounted, one folder per Secret."""
+    max_connections: int = Field(default=10_000, ge=1)
+    """Open connections and sessions on the ingestion port; beyond, new requests get 503."""
     grace_period: float = Field(default=30.0, ge=0)
     """Seconds to drain the buffer and sink queues after SIGTERM."""
     reload_interval: float = Field(default=1.0, ge=0)

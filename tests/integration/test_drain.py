@@ -112,7 +112,7 @@ def test_drain_delivers_every_accepted_event(slow_router: StartSlowRouter) -> No
     logs = router.logs()
     assert undelivered_ids(logs) == []
     messages = [line["message"] for line in logs]
-    assert "router stopped; every accepted event was delivered" in messages
+    assert any(m.startswith("router stopped; every accepted event was delivered") for m in messages)
 
 
 def test_drain_logs_undelivered_after_grace(slow_router: StartSlowRouter) -> None:
@@ -145,8 +145,8 @@ def test_drain_logs_undelivered_after_grace(slow_router: StartSlowRouter) -> Non
     logged_seqs = {rank[event_id] for event_id in logged}
     assert logged_seqs == set(range(EVENT_COUNT)) - set(delivered.values())
 
-    summary = f"router stopped; {len(logged)} accepted events were not delivered"
-    assert summary in [line["message"] for line in logs]
+    summary = f"router stopped; {len(logged)} accepted events were not delivered at shutdown"
+    assert any(line["message"].startswith(summary) for line in logs)
     assert status == 0
     assert elapsed <= grace_period + EXIT_MARGIN, f"exited {elapsed:.1f}s after SIGTERM"
 

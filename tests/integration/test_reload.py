@@ -274,7 +274,7 @@ def test_reload_under_stream(router_factory, fifo_readers, tmp_path: Path) -> No
 
     assert [line for line in logs if "event_ids" in line] == []
     messages = [line["message"] for line in logs]
-    assert "router stopped; every accepted event was delivered" in messages
+    assert any(m.startswith("router stopped; every accepted event was delivered") for m in messages)
 
 
 def test_invalid_reload_keeps_running(router_factory, tmp_path: Path) -> None:
