@@ -189,6 +189,24 @@ class EventDecoder:
             return self._event.decode(body)
         except RecursionError:
             raise msgspec.DecodeError(_TOO_DEEP) from None
+        except msgspec.ValidationError as exc:
+            # msgspec says `$.properties[...]` for a bad value; name the key.
+            if "`$.properties[...]`" in str(exc):
+                raise self._name_property(body, exc) from None
+            raise
+
+    def _name_property(self, body: bytes, exc: msgspec.ValidationError) -> msgspec.ValidationError:
+        try:
+            properties = msgspec.json.decode(body).get("properties")
+        except (msgspec.DecodeError, RecursionError, AttributeError):
+            return exc
+        limit = self.limits.max_property_value_length
+        for key, value in properties.items() if isinstance(properties, dict) else ():
+            if not isinstance(value, str) or len(value) > limit:
+                quoted = key if key.isidentifier() else repr(key)
+                text = str(exc).replace("`$.properties[...]`", f"`$.properties.{quoted}`")
+                return msgspec.ValidationError(text)
+        return exc
 
     def decode_batch(self, body: bytes) -> tuple[list[Any], list[EventError]]:
         """Decode a batch into its valid events and one error per invalid event."""
@@ -224,7 +242,7 @@ def describe_decode_error(exc: msgspec.DecodeError, prefix: str = "") -> str:
         path = f"{path}.{match.group(1)}" if path else match.group(1)
         text = "required field is missing"
     path = path.removeprefix("$").lstrip(".").replace("[...]", "")
-    if path == "properties" and text.startswith("Expected `str`, got"):
+    if path.startswith("properties") and text.startswith("Expected `str`, got"):
         text += "; property values must be strings, so send numbers and booleans as text"
     location = ".".join(p for p in (prefix, path) if p).replace(".[", "[")
     return f"{location}: {text}" if location else text

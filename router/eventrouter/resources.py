@@ -582,7 +582,7 @@ class EventSinkSpec(_Model):
     queue_size: Annotated[int, Field(ge=1, le=4_194_304)] = 16384
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1024
     batch_wait: Duration = 0.0
-    timeout: Duration = 10.0
+    timeout: Annotated[Duration, Field(gt=0)] = 10.0
     retry: RetryPolicy = RetryPolicy()
     dead_letter_sink: Name | None = None
 

@@ -6,11 +6,12 @@ to listen, where to find files and secrets, and how to log.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings"]
 
@@ -20,8 +21,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="EVENTROUTER_", extra="ignore")
 
-    config: list[str] = Field(default_factory=list)
-    """Resource files or folders; empty runs the embedded default."""
+    config: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Resource files or folders; empty runs the embedded default.
+
+    EVENTROUTER_CONFIG takes a comma-separated list of paths or a JSON list.
+    """
     router: str | None = None
     """Which EventRouter of the files to run, when they define several."""
     host: str = "127.0.0.1"
@@ -43,3 +47,13 @@ class Settings(BaseSettings):
     """Seconds between checks of the -f files for changes; 0 turns watching off."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value

@@ -94,7 +94,7 @@ def test_decode_timestamp_with_offset(decoder: EventDecoder) -> None:
         ),
         (
             b'{"name":"a","properties":{"k":"123456"}}',
-            "properties: Expected `str` of length <= 5",
+            "properties.k: Expected `str` of length <= 5",
         ),
         (
             b'{"name":"a","timestamp":"2024-05-01T12:00:00"}',
@@ -117,7 +117,7 @@ def test_decode_error_message(decoder: EventDecoder, body: bytes, expected: str)
 )
 def test_non_string_property_hint(decoder: EventDecoder, value: bytes, type_name: str) -> None:
     message = decode_error(decoder, b'{"name":"a","properties":{"k":' + value + b"}}")
-    assert message.startswith(f"properties: Expected `str`, got `{type_name}`")
+    assert message.startswith(f"properties.k: Expected `str`, got `{type_name}`")
     assert TYPE_HINT in message
 
 
@@ -157,7 +157,7 @@ def test_batch_reports_invalid_events_by_index(decoder: EventDecoder) -> None:
     assert [e.name for e in events] == ["a"]
     assert [e.index for e in errors] == [1, 2]
     assert errors[0].message == "events[1].name: required field is missing"
-    assert errors[1].message.startswith("events[2].properties: Expected `str`, got `int`")
+    assert errors[1].message.startswith("events[2].properties.k: Expected `str`, got `int`")
     assert TYPE_HINT in errors[1].message
 
 
