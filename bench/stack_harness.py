@@ -4,6 +4,7 @@ import dataclasses
 import http.client
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -38,12 +39,30 @@ class WrkResult:
 
 @dataclasses.dataclass
 class RunResult:
-    """Figures from one measured run. CPU fractions are between 0 and 1."""
+    """Figures from one measured run.
+
+    CPU figures are fractions of the run's wall time on one CPU. ``server_cpu`` and
+    ``wrk_cpu`` count only those processes, and the ``other`` figures count everything
+    else busy on the same CPU, such as other programs and unattributed interrupts.
+    """
 
     events_per_s: float
-    server_cpu_busy: float
-    load_cpu_busy: float
+    server_cpu: float
+    server_cpu_other: float
+    wrk_cpu: float
+    wrk_cpu_other: float
     steal: float
+
+    @property
+    def events_per_server_cpu_s(self) -> float:
+        """Events per second of CPU time that the server used.
+
+        Other processes on CPU 0 lower ``events_per_s`` but change this figure less,
+        because the server's share of the CPU is divided out. It is an estimate: a
+        server that shares its CPU also loses cache contents and batches less work
+        per event loop iteration.
+        """
+        return self.events_per_s / self.server_cpu if self.server_cpu > 0 else 0.0
 
 
 class BenchmarkError(Exception):
@@ -135,7 +154,7 @@ def check_responses(server: Server, workloads: list[Workload]) -> None:
     """Raise BenchmarkError unless the server accepts valid bodies and rejects bad ones.
 
     This catches a candidate that would look fast because it skips validation or
-    answers every request with an error.
+    responds to every request with an error.
     """
     cases: list[tuple[str, str, bytes | None, int]] = [
         ("POST", workload.path, workload.body, 200) for workload in workloads
@@ -169,12 +188,23 @@ def check_responses(server: Server, workloads: list[Workload]) -> None:
 
 # --- CPU usage --------------------------------------------------------------------
 
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
 
 @dataclasses.dataclass(frozen=True)
 class CpuTimes:
+    """Cumulative times of one CPU from /proc/stat, in clock ticks."""
+
     busy: int
     steal: int
     total: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSnapshot:
+    cpus: dict[str, CpuTimes]
+    server_ticks: int
+    children_s: float
 
 
 def read_cpu_times() -> dict[str, CpuTimes]:
@@ -193,17 +223,79 @@ def read_cpu_times() -> dict[str, CpuTimes]:
     return times
 
 
-def busy_fraction(before: dict[str, CpuTimes], after: dict[str, CpuTimes], cpu: str) -> float:
-    elapsed = after[cpu].total - before[cpu].total
-    return (after[cpu].busy - before[cpu].busy) / elapsed if elapsed else 0.0
+def wait_for_idle_cpus(max_busy: float, timeout_s: float) -> bool:
+    """Wait until both bench CPUs were at most ``max_busy`` busy over half a second.
+
+    Returns False if that did not happen within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        before = read_cpu_times()
+        time.sleep(0.5)
+        after = read_cpu_times()
+        busy = [
+            (after[cpu].busy - before[cpu].busy) / max(after[cpu].total - before[cpu].total, 1)
+            for cpu in (SERVER_CPU, LOAD_CPU)
+        ]
+        if max(busy) <= max_busy:
+            return True
+        if time.monotonic() >= deadline:
+            return False
 
 
-def steal_fraction(before: dict[str, CpuTimes], after: dict[str, CpuTimes]) -> float:
-    """Return the share of time the hypervisor gave the bench CPUs to other guests."""
+def process_group_ticks(pgid: int) -> int:
+    """Return the user and system time of every process in a process group, in clock ticks.
+
+    The sum includes the time of children that have exited and been reaped.
+    """
+    ticks = 0
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_path.read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # The process exited after the directory listing.
+        # Fields after the parenthesised command name, which may contain spaces, start
+        # at field 3 (state). pgrp is field 5 and utime, stime, cutime, cstime are 14-17.
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            ticks += sum(int(value) for value in fields[11:15])
+    return ticks
+
+
+def take_snapshot(server_pgid: int) -> CpuSnapshot:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return CpuSnapshot(
+        cpus=read_cpu_times(),
+        server_ticks=process_group_ticks(server_pgid),
+        children_s=children.ru_utime + children.ru_stime,
+    )
+
+
+def cpu_figures(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """Compute the CPU fields of RunResult from snapshots around one wrk run.
+
+    wrk time comes from RUSAGE_CHILDREN, which grows only when a child is reaped, so the
+    interval must contain exactly one finished child process: the wrk run.
+    """
+
+    def elapsed(cpu: str) -> int:
+        return max(after.cpus[cpu].total - before.cpus[cpu].total, 1)
+
+    def busy(cpu: str) -> float:
+        return (after.cpus[cpu].busy - before.cpus[cpu].busy) / elapsed(cpu)
+
+    server = (after.server_ticks - before.server_ticks) / elapsed(SERVER_CPU)
+    wrk_ticks = (after.children_s - before.children_s) * CLOCK_TICKS_PER_S
+    wrk = wrk_ticks / elapsed(LOAD_CPU)
     cpus = (SERVER_CPU, LOAD_CPU)
-    elapsed = sum(after[cpu].total - before[cpu].total for cpu in cpus)
-    stolen = sum(after[cpu].steal - before[cpu].steal for cpu in cpus)
-    return stolen / elapsed if elapsed else 0.0
+    stolen = sum(after.cpus[cpu].steal - before.cpus[cpu].steal for cpu in cpus)
+    return {
+        "server_cpu": server,
+        "server_cpu_other": max(busy(SERVER_CPU) - server, 0.0),
+        "wrk_cpu": wrk,
+        "wrk_cpu_other": max(busy(LOAD_CPU) - wrk, 0.0),
+        "steal": stolen / sum(elapsed(cpu) for cpu in cpus),
+    }
 
 
 # --- Load generator ---------------------------------------------------------------
@@ -240,4 +332,24 @@ def run_wrk(port: int, path: str, body_file: Path, duration_s: int) -> WrkResult
         requests_per_s=float(match.group(1)),
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         socket_errors=sum(map(int, socket_errors.groups())) if socket_errors else 0,
+    )
+
+
+def measure_run(server: Server, workload: Workload, body_file: Path, duration_s: int) -> RunResult:
+    """Run wrk once against a started server and return throughput and CPU figures.
+
+    Raises BenchmarkError when any response was not 2xx or a socket error occurred.
+    """
+    assert server.process is not None, "start the server before measuring it"
+    before = take_snapshot(server.process.pid)
+    result = run_wrk(server.port, workload.path, body_file, duration_s)
+    after = take_snapshot(server.process.pid)
+    if result.non_2xx or result.socket_errors:
+        raise BenchmarkError(
+            f"{server.candidate.key} {workload.key}: {result.non_2xx} non-2xx responses"
+            f" and {result.socket_errors} socket errors. Server log:\n{server.log_tail()}"
+        )
+    return RunResult(
+        events_per_s=result.requests_per_s * workload.events_per_request,
+        **cpu_figures(before, after),
     )

@@ -1,7 +1,7 @@
 """Raw ASGI application shared by the uvicorn and granian candidates.
 
-Only the two decode functions differ between candidates, so differences in their
-results come from JSON parsing and validation alone.
+Among the uvicorn candidates only the two decode functions differ, so differences
+between their results come from JSON parsing and validation alone.
 """
 
 from collections.abc import Awaitable, Callable

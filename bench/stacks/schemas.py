@@ -9,7 +9,7 @@ servers and JSON libraries and not the amount of checking:
 - ``external`` is an optional boolean.
 - A batch is ``{"events": [...]}`` with at least one event.
 
-Unknown fields are ignored, as in the Nakama ``api.Event`` JSON mapping.
+Unknown fields are ignored.
 """
 
 from datetime import datetime
