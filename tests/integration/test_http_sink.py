@@ -551,10 +551,12 @@ def test_attempt_timeout_retried_and_counted(
     )
 
     # Each gap is the 300 ms timeout plus the linear backoff of 100 ms, then 200 ms.
+    # The timeout runs from the start of an attempt, before the request arrives,
+    # so a slow first connection makes the gap look shorter by its set-up time.
     twice = [r.received_at for r in receiver.requests("/slow-twice")]
     assert len(twice) == 3
     for gap, expected in zip(gaps(twice), (0.4, 0.5), strict=True):
-        assert expected - EARLY <= gap <= expected + LATE, f"gap {gap:.3f}s, expected {expected}s"
+        assert expected - 0.06 <= gap <= expected + LATE, f"gap {gap:.3f}s, expected {expected}s"
     assert retries(router, "slow-twice") == 2
     assert sink_events(router, "slow-twice", "dead_lettered") == 0
 

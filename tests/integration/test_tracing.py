@@ -399,8 +399,9 @@ async def test_unexpected_error_ends_span(tmp_path: Path, monkeypatch: pytest.Mo
     sinks = [file_sink("file", tmp_path / "events.jsonl")]
     async with in_process_router(tmp_path, sinks, ["file"]) as router:
         monkeypatch.setattr(router.engine, "submit", fail)
-        with pytest.raises(RuntimeError, match="submit failed"):
-            await router.post(batch(1), traceparent=SAMPLED_PARENT)
+        reply = await router.post(batch(1), traceparent=SAMPLED_PARENT)
+        assert reply.status_code == 500
+        assert reply.json()["error"] == "internal_error"
 
     (server,) = router.server_spans()
     assert attributes_of(server)["error.type"] == "RuntimeError"
