@@ -116,6 +116,9 @@ class Authenticator:
             raise AuthError(f"session token is missing the {exc.claim!r} claim") from exc
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"invalid session token: {exc}") from exc
+        for claim in ("uid", "usn", "tid"):
+            if claims.get(claim) is not None and not isinstance(claims[claim], str):
+                raise AuthError(f"session token claim {claim!r} must be a string")
         principal = Principal(
             user_id=str(claims["uid"]),
             username=str(claims["usn"]) if claims.get("usn") is not None else None,

@@ -154,7 +154,16 @@ class EventDecoder:
             [
                 (
                     "name",
-                    Annotated[str, msgspec.Meta(min_length=1, max_length=limits.max_name_length)],
+                    Annotated[
+                        str,
+                        msgspec.Meta(
+                            min_length=1,
+                            max_length=limits.max_name_length,
+                            # No control characters: names end up in log lines,
+                            # topic names and HTTP headers.
+                            pattern=r"^[^\x00-\x1f\x7f]+$",
+                        ),
+                    ],
                 ),
                 (
                     "properties",

@@ -232,6 +232,11 @@ class SessionManager:
                 return
             if kind != "websocket.receive" or session.close_reason is not None:
                 continue
+            # Every message counts against the rate, pings and invalid ones
+            # too, so that no kind of message can flood the router.
+            if not self._take_token(session):
+                await self._close_rate_limited(session)
+                continue
             text = message.get("text")
             if text is None:
                 await self._reply(
@@ -255,16 +260,6 @@ class SessionManager:
             await self._send(session, {"cid": cid, "pong": {}} if cid else {"pong": {}})
             return
         event_body = body.get("event", body)
-        if not self._take_token(session):
-            self._rejected.labels("rate_limited").inc()
-            spec = self.app.engine.config.router.spec.sessions
-            await self._close(
-                session,
-                CloseReason.RATE_LIMITED,
-                CloseReason.POLICY,
-                f"rate limit exceeded: more than {spec.max_events_per_second:g} events per second",
-            )
-            return
         self._received.inc()
         try:
             event = self.app.decoder.decode_one(orjson.dumps(event_body))
@@ -295,6 +290,16 @@ class SessionManager:
         await self._send(
             session,
             {"cid": cid, "ack": {"id": envelope.id}} if cid else {"ack": {"id": envelope.id}},
+        )
+
+    async def _close_rate_limited(self, session: _Session) -> None:
+        self._rejected.labels("rate_limited").inc()
+        spec = self.app.engine.config.router.spec.sessions
+        await self._close(
+            session,
+            CloseReason.RATE_LIMITED,
+            CloseReason.POLICY,
+            f"rate limit exceeded: more than {spec.max_events_per_second:g} messages per second",
         )
 
     def _take_token(self, session: _Session) -> bool:
