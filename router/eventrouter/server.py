@@ -154,6 +154,8 @@ def _uvicorn_config(
         server_header=False,
         timeout_graceful_shutdown=5,
         # Beyond this many open connections and sessions, new requests get 503.
+        # NOTE: uvicorn (0.55) with httptools bounds neither header size nor the
+        # time to send headers; docs/api.md says to put a proxy in front.
         limit_concurrency=limit_concurrency,
     )
 
