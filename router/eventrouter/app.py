@@ -137,10 +137,7 @@ class IngestApp:
             # A bug must not cost the client a plain-text 500 or the log a
             # traceback per request: answer in JSON and log at most once in 10 s.
             if span is not None:
-                span.record_exception(exc)
-                span.set_attribute("error.type", type(exc).__qualname__)
-                span.set_status(StatusCode.ERROR, str(exc)[:256])
-                span.end()
+                _fail_span(span, exc)
             self.metrics.rejected.labels("internal_error").inc()
             self._denied.log(
                 logging.ERROR,
@@ -158,10 +155,7 @@ class IngestApp:
         except BaseException as exc:
             # A cancellation ends the span too, or it is never exported.
             if span is not None:
-                span.record_exception(exc)
-                span.set_attribute("error.type", type(exc).__qualname__)
-                span.set_status(StatusCode.ERROR, str(exc)[:256])
-                span.end()
+                _fail_span(span, exc)
             raise
         if span is not None:
             # A batch whose events are all invalid gets 400 without an IngestError.
@@ -309,6 +303,13 @@ def _scan_headers(scope: Scope) -> tuple[str | None, str | None, str | None]:
         elif name == b"traceparent":
             traceparent = value.decode("latin-1")
     return authorization, api_key, traceparent
+
+
+def _fail_span(span: Span, exc: BaseException) -> None:
+    span.record_exception(exc)
+    span.set_attribute("error.type", type(exc).__qualname__)
+    span.set_status(StatusCode.ERROR, str(exc)[:256])
+    span.end()
 
 
 def _end_span(span: Span, status: int, error: str | None) -> None:
