@@ -138,7 +138,7 @@ def _validate_document(
         return model.model_validate(body), []
     except ValidationError as exc:
         issues = [
-            ConfigIssue(file, index, name, _field_path(err["loc"]), _explain(err))
+            ConfigIssue(file, index, name, _field_path(err["loc"]), _explain(err), kind)
             for err in exc.errors()
         ]
         return None, issues
@@ -216,8 +216,9 @@ def load_documents(
 
 
 def _locate(document: LoadedDocument, path: str, message: str) -> ConfigIssue:
+    resource = document.resource
     return ConfigIssue(
-        document.file, document.index, document.resource.metadata.name, path, message
+        document.file, document.index, resource.metadata.name, path, message, resource.kind
     )
 
 

@@ -35,20 +35,25 @@ class EventRouterError(Exception):
 
 @dataclass(frozen=True)
 class ConfigIssue:
-    """One problem in a resource file, located by file, document and field path."""
+    """One problem in a resource file, located by file, document and field path.
+
+    `document` counts the YAML documents of the file from 0.
+    """
 
     file: str
     document: int | None
     name: str | None
     path: str
     message: str
+    kind: str | None = None
 
     def __str__(self) -> str:
         where = self.file
         if self.document is not None:
             where += f": document {self.document}"
-            if self.name:
-                where += f" ({self.name})"
+            label = " ".join(part for part in (self.kind, self.name) if part)
+            if label:
+                where += f" ({label})"
         field = f": {self.path}" if self.path else ""
         return f"{where}{field}: {self.message}"
 

@@ -303,7 +303,7 @@ def test_invalid_reload_keeps_running(router_factory, tmp_path: Path) -> None:
     assert len(rejected) == 1
     assert rejected[0]["level"] == "error"
     expected_error = (
-        f"{config}: document 3 (broken): spec.sinks[1]: sink 'missing' not found; "
+        f"{config}: document 3 (EventRoute broken): spec.sinks[1]: sink 'missing' not found; "
         "define an EventSink named 'missing' or remove the reference"
     )
     assert rejected[0]["errors"] == [expected_error]
