@@ -28,7 +28,7 @@ _TOKEN_CACHE_SIZE = 10_000
 
 @dataclass(frozen=True)
 class Principal:
-    """Who sent a request."""
+    """The caller of a request."""
 
     user_id: str | None = None
     username: str | None = None

@@ -28,7 +28,7 @@ __all__ = [
 
 
 class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):
-    """Why an event reached a dead-letter sink."""
+    """The reason an event reached a dead-letter sink."""
 
     sink: str
     error: str
@@ -132,7 +132,7 @@ def _encode_high(high: int) -> str:
 
 @dataclass(frozen=True)
 class EventError:
-    """Why one event of a request was rejected."""
+    """The error of one rejected event of a request."""
 
     index: int | None
     message: str

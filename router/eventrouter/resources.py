@@ -146,7 +146,7 @@ class SecretKeyRef(_Model):
 
 
 class SecretSource(_Model):
-    """Where a secret value comes from: a Secret key, a file, or an environment variable."""
+    """The source of a secret value: a Secret key, a file, or an environment variable."""
 
     model_config = _rules(
         (
@@ -325,7 +325,7 @@ class PropertyCondition(_Model):
 
 
 class MatchSpec(_Model):
-    """Which events a route takes: every listed condition must hold."""
+    """The conditions an event must meet to take a route; every listed one must hold."""
 
     names: Annotated[
         list[Annotated[str, Field(min_length=1, max_length=1024)]],

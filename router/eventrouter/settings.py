@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     EVENTROUTER_CONFIG takes a comma-separated list of paths or a JSON list.
     """
     router: str | None = None
-    """Which EventRouter of the files to run, when they define several."""
+    """The EventRouter of the files to run, when they define several."""
     host: str = "127.0.0.1"
     port: int = Field(default=7350, ge=0, le=65535)
     admin_host: str = "127.0.0.1"
@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     """File with one API key per line; overrides spec.auth.apiKeys."""
     secrets_dir: Path = Path("/var/run/secrets/eventrouter")
-    """Where Secrets named by secretKeyRef are mounted, one folder per Secret."""
+    """The folder where Secrets named by secretKeyRef are mounted, one folder per Secret."""
     max_connections: int = Field(default=10_000, ge=1)
     """Open connections and sessions on the ingestion port; beyond, new requests get 503."""
     grace_period: float = Field(default=30.0, ge=0)
