@@ -16,18 +16,14 @@ namespace is ever finalized and no service account gets a token.
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import json
 import logging
 import os
-import queue
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +33,8 @@ from types import TracebackType
 from typing import Any
 
 import yaml
+
+from tests.processes import free_port, launcher
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO / "scripts" / "install-k8s.sh"
@@ -54,53 +52,6 @@ logger = logging.getLogger(__name__)
 
 class KubeApiServerError(RuntimeError):
     """Failure to build, configure, start or reach etcd or kube-apiserver."""
-
-
-class _Launcher:
-    """Process starter that forks every child from one daemon thread, alive as long as Python.
-
-    Linux sends a child's parent-death signal (PR_SET_PDEATHSIG in prctl(2),
-    set here by `setpriv --pdeathsig`) when the thread that forked it exits,
-    not the process. Forking from this thread means etcd and kube-apiserver
-    are killed when the test process dies, even by SIGKILL, but not when a
-    worker thread that called start() ends.
-    """
-
-    def __init__(self) -> None:
-        self._requests: queue.Queue[
-            tuple[list[str], dict[str, Any], concurrent.futures.Future[subprocess.Popen[bytes]]]
-        ] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._serve, name="kube-apiserver-launcher", daemon=True
-                )
-                self._thread.start()
-        future: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
-        self._requests.put((args, kwargs, future))
-        return future.result()
-
-    def _serve(self) -> None:
-        while True:
-            args, kwargs, future = self._requests.get()
-            try:
-                future.set_result(subprocess.Popen(args, **kwargs))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-
-_launcher = _Launcher()
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def ensure_binaries() -> Path:
@@ -160,10 +111,22 @@ def _sign_certificate(cwd: Path, name: str, subject: str, extensions: Sequence[s
     (cwd / f"{name}.ext").write_text("\n".join(extensions) + "\n", encoding="utf-8")
     run_openssl(
         [
-            "x509", "-req", "-in", f"{name}.csr",
-            "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", str(CERTIFICATE_DAYS), "-sha256",
-            "-extfile", f"{name}.ext", "-out", f"{name}.crt",
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            str(CERTIFICATE_DAYS),
+            "-sha256",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.crt",
         ],
         cwd,
     )
@@ -181,11 +144,22 @@ def generate_certificates(cert_dir: Path) -> None:
     _new_ec_key("ca.key", cert_dir)
     run_openssl(
         [
-            "req", "-x509", "-new", "-key", "ca.key", "-sha256",
-            "-days", str(CERTIFICATE_DAYS), "-subj", "/CN=eventrouter-test-ca",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-            "-out", "ca.crt",
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-sha256",
+            "-days",
+            str(CERTIFICATE_DAYS),
+            "-subj",
+            "/CN=eventrouter-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            "-out",
+            "ca.crt",
         ],
         cert_dir,
     )
@@ -516,7 +490,7 @@ class KubeApiServer:
         with log_file.open("ab") as log:
             log.write(f"==== starting: {' '.join(command)}\n".encode())
             log.flush()
-            return _launcher.popen(
+            return launcher.popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -15,13 +15,11 @@ import base64
 import concurrent.futures
 import logging
 import os
-import queue
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
@@ -31,6 +29,8 @@ from typing import Any, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, for_code
+
+from tests.processes import free_port, launcher
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO / "scripts" / "install-kafka.sh"
@@ -58,53 +58,6 @@ logger.request.level = WARN
 
 class KafkaBrokerError(RuntimeError):
     """Failure to fetch, format, start or reach the Kafka broker."""
-
-
-class _Launcher:
-    """Process starter that forks every child from one daemon thread, alive as long as Python.
-
-    Linux sends a child's parent-death signal (PR_SET_PDEATHSIG in prctl(2),
-    set here by `setpriv --pdeathsig`) when the thread that forked it exits,
-    not the process. Forking from this thread means the JVM is killed when the
-    test process dies, even by SIGKILL, but not when the worker thread that ran
-    start_async() ends.
-    """
-
-    def __init__(self) -> None:
-        self._requests: queue.Queue[
-            tuple[list[str], dict[str, Any], concurrent.futures.Future[subprocess.Popen[bytes]]]
-        ] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._serve, name="kafka-broker-launcher", daemon=True
-                )
-                self._thread.start()
-        future: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
-        self._requests.put((args, kwargs, future))
-        return future.result()
-
-    def _serve(self) -> None:
-        while True:
-            args, kwargs, future = self._requests.get()
-            try:
-                future.set_result(subprocess.Popen(args, **kwargs))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-
-_launcher = _Launcher()
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def random_cluster_id() -> str:
@@ -416,7 +369,7 @@ class KafkaBroker:
         with self.log_file.open("ab") as log:
             log.write(f"\n==== starting: {' '.join(command)}\n".encode())
             log.flush()
-            self._process = _launcher.popen(
+            self._process = launcher.popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
