@@ -70,7 +70,7 @@ def wait_ready(port: int, path: str, timeout: float = 20.0) -> None:
                     return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"server on port {port} did not answer {path} within {timeout}s")
+    raise RuntimeError(f"server on port {port} did not respond to {path} within {timeout}s")
 
 
 def start_floor(port: int) -> subprocess.Popen[bytes]:

@@ -61,7 +61,7 @@ class ResourceStatus:
 
 @dataclass
 class Resolution:
-    """What one router runs, and the conditions of every resource that names it."""
+    """The routes and sinks of one router, and the conditions of every resource that names it."""
 
     router: EventRouter | None
     router_error: str | None
@@ -96,7 +96,7 @@ def _validate(model: type[BaseModel], body: Mapping[str, Any]) -> tuple[Any, str
 
 
 def _secret_sources(value: Any) -> Iterable[SecretSource]:
-    """Every SecretSource inside a model, at any depth."""
+    """Yield every SecretSource inside a model, at any depth."""
     if isinstance(value, SecretSource):
         yield value
     elif isinstance(value, BaseModel):
@@ -287,7 +287,7 @@ def file_sink_folders(resolution: Resolution) -> list[str]:
 
 
 def labels(router: str) -> dict[str, str]:
-    """The standard labels of every object made for one router."""
+    """Return the standard labels of every object made for one router."""
     return {
         "app.kubernetes.io/name": "eventrouter",
         "app.kubernetes.io/instance": router,
@@ -374,7 +374,7 @@ def build_objects(
     *,
     image: str = DEFAULT_IMAGE,
 ) -> list[dict[str, Any]]:
-    """The objects the router needs, each a full body for server-side apply."""
+    """Build the objects the router needs, each a full body for server-side apply."""
     router = resolution.router
     assert router is not None
     name = router.metadata.name

@@ -42,7 +42,7 @@ class IngestApp:
     """ASGI application for event ingestion.
 
     The engine, decoder and authenticator are replaced on reload through
-    `configure`, so a request always sees one consistent set.
+    `configure`, so each request uses one consistent set.
     """
 
     def __init__(self, engine: Engine, authenticator: Authenticator, metrics: Metrics) -> None:
@@ -135,7 +135,8 @@ class IngestApp:
             return
         except Exception as exc:
             # A bug must not cost the client a plain-text 500 or the log a
-            # traceback per request: answer in JSON and log at most once in 10 s.
+            # traceback per request, so the reply is JSON and the log line is
+            # written at most once in 10 s.
             if span is not None:
                 _fail_span(span, exc)
             self.metrics.rejected.labels("internal_error").inc()

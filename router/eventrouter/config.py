@@ -83,7 +83,7 @@ def _field_path(loc: Iterable[int | str]) -> str:
 
 
 def _explain(error: Any) -> str:
-    """Turn one pydantic error into a message that says what to do."""
+    """Turn one pydantic error into a message that names the fix."""
     kind = error["type"]
     message: str = error["msg"]
     if kind == "missing":

@@ -282,7 +282,7 @@ class Engine:
 
         Unchanged sinks keep running. A changed sink gets a new runner, and the
         old one hands over every event it has not finished. A removed sink
-        delivers what it holds within the grace period and stops.
+        delivers the events it still has within the grace period and stops.
         """
         async with self._reload_lock:
             old = self._active

@@ -114,7 +114,7 @@ class IdGenerator:
 
 
 def _encode_high(high: int) -> str:
-    """The first 18 digits of a ULID: its top 90 bits, of which the top 2 are zero."""
+    """Encode the first 18 digits of a ULID: its top 90 bits, of which the top 2 are zero."""
     pairs = _PAIRS
     return (
         _CROCKFORD[high >> 85]

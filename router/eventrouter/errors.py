@@ -82,7 +82,7 @@ class IngestError(EventRouterError):
 
 
 class DeliveryError(EventRouterError):
-    """A failed delivery attempt; `retryable` says whether another attempt may succeed.
+    """A failed delivery attempt; `retryable` tells whether another attempt may succeed.
 
     `status` is the remote status code, if there was one. `retry_after` is the
     delay in seconds that the remote asked for. `failed` lists the positions in

@@ -347,7 +347,7 @@ class EventRouteSpec(_Model):
 
 
 def _cel_duration(field: str, default_seconds: float) -> str:
-    """A CEL expression for a Duration field: a number of seconds or a string such as 5s."""
+    """Build the CEL expression that reads a Duration field in seconds or as a string."""
     # NOTE: CEL durations end near 292 years (Go's time.Duration), so the API
     # server rejects a rule over a larger integer with a conversion error,
     # where the pydantic model accepts it.
@@ -390,7 +390,7 @@ class RetryPolicy(_Model):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     backoff: BackoffPolicy = BackoffPolicy()
     max_retry_after: Duration = 60.0
-    """Cap on a delay that the remote asks for with Retry-After."""
+    """Maximum delay taken from a Retry-After header sent by the remote."""
 
 
 class LogSinkSpec(_Model):
@@ -608,7 +608,7 @@ class EventSinkSpec(_Model):
 class _Resource(_Model):
     api_version: Literal["eventrouter.io/v1alpha1"]
     metadata: ObjectMeta
-    # Written by the operator; read by nobody here, so kept out of dumps and digests.
+    # Written by the operator and not read by the router, so kept out of dumps and digests.
     status: dict[str, Any] | None = Field(default=None, exclude=True)
 
 

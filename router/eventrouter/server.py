@@ -155,7 +155,7 @@ def _uvicorn_config(
         timeout_graceful_shutdown=5,
         # Beyond this many open connections and sessions, new requests get 503.
         # NOTE: uvicorn (0.55) with httptools bounds neither header size nor the
-        # time to send headers; docs/api.md says to put a proxy in front.
+        # time to send headers; docs/api.md tells users to put a proxy in front.
         limit_concurrency=limit_concurrency,
     )
 
@@ -418,7 +418,7 @@ def _shutdown_drops(metrics: Metrics) -> float:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; raise OSError with a message that says what to do."""
+    """Bind a listening TCP socket, or raise OSError with a message that names the fix."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

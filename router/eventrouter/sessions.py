@@ -405,7 +405,7 @@ class SessionManager:
         _, pending = await asyncio.wait(waits, timeout=timeout)
         for task in pending:
             task.cancel()
-        # A session whose client never answered the close gets its end now.
+        # A session whose client sent no close frame back gets its end now.
         for session in sessions:
             if not session.closed.is_set():
                 self._finish(session)

@@ -1,6 +1,6 @@
 """Process settings: command-line flags, then EVENTROUTER_* variables, then defaults.
 
-Everything about routing lives in the resource files; these settings say where
+Everything about routing lives in the resource files; these settings set where
 to listen, where to find files and secrets, and how to log.
 """
 

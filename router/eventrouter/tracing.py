@@ -48,7 +48,7 @@ _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
 def parse_traceparent(value: str | None) -> SpanContext | None:
-    """A remote span context from a W3C traceparent, or None if it is invalid."""
+    """Parse a W3C traceparent into a remote span context, or None if it is invalid."""
     if not value:
         return None
     match = _TRACEPARENT.match(value.strip().lower())

@@ -98,7 +98,7 @@ class SinkRunner:
     queue or in the batch being delivered). When the queue is full, the router's
     overflow policy applies: `dropNewest` drops the incoming events, `dropOldest`
     evicts the oldest queued ones, and `reject` makes `put` wait for room, which
-    holds the workers and so fills the ring buffer, where requests get 503.
+    stops the workers and so fills the ring buffer, where requests get 503.
     """
 
     def __init__(
@@ -382,7 +382,7 @@ class SinkRunner:
         return None
 
     async def _traced_attempt(self, batch: list[Envelope], attempt: int) -> DeliveryError | None:
-        """One attempt, in a span linked to the batch's sampled events when tracing is on."""
+        """Make one attempt, in a span linked to the batch's sampled events when tracing is on."""
         tracing = self._tracing
         span = None
         if tracing is not None and tracing.enabled:

@@ -59,7 +59,7 @@ def status_matches(status: int, patterns: Sequence[int | str]) -> bool:
 
 
 def sanitize_body(raw: bytes) -> str:
-    """A response body fit for logs and dead letters: text, one line, truncated."""
+    """Turn a response body into text fit for logs and dead letters: one line, truncated."""
     text = _CONTROL.sub(" ", raw[: _BODY_SNIPPET * 4].decode("utf-8", "replace")).strip()
     return text[:_BODY_SNIPPET] + ("…" if len(text) > _BODY_SNIPPET else "")
 

@@ -80,7 +80,7 @@ def _field_getter(field: str) -> Template:
 
 
 def _secret_path(source: SecretSource, secrets_dir: Path, field: str) -> str:
-    """A file path for a PEM secret; values from a variable go to a private temp file."""
+    """Return a path for a PEM secret; a value from a variable goes to a private temp file."""
     if source.file is not None:
         return source.file
     if source.secret_key_ref is not None:

@@ -4,7 +4,7 @@ A sink thread writes a batch as chunks of whole lines. On a pipe or FIFO each
 chunk is at most PIPE_BUF bytes, which the kernel writes atomically, and the
 thread waits with `select` until the pipe has room, checking for `abort`
 every 50 ms. So a write to a reader that stalls never blocks the thread for
-good, and after `abort` the writer knows exactly how many lines went out.
+good, and after `abort` the writer reports exactly how many lines went out.
 """
 
 from __future__ import annotations

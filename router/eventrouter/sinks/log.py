@@ -20,7 +20,7 @@ class LogSink:
     """JSON lines on a standard stream.
 
     Writes run on one thread of their own, in order, so a stream that blocks (a
-    full pipe that nobody reads) holds only this sink and never the event loop;
+    full pipe with no reader) stalls only this sink and never the event loop;
     `abort` stops such a write at shutdown (see `LineWriter`).
     """
 
