@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from tests.conftest import (
@@ -314,6 +315,10 @@ async def test_kafka_100k_events_exactly_once(
     assert len({key for _, key in by_key}) == PLAYERS
     for (topic, key), keyed in by_key.items():
         assert len({r.partition for r in keyed}) == 1, f"{key} in {topic} spans partitions"
+        # The partition is the one Kafka's default partitioner picks for the key
+        # (murmur2, as in the Java client), so other producers agree with it.
+        expected = DefaultPartitioner()(key.encode() if key else None, list(range(PARTITIONS)), [])
+        assert keyed[0].partition == expected, f"{key} in {topic} is not on partition {expected}"
         seqs = [seq_of(r.event) for r in keyed]
         assert seqs == sorted(seqs), f"{key} in {topic} is out of order"
 

@@ -27,6 +27,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from opentelemetry.trace import SpanKind
 
 from eventrouter.envelope import Envelope, encode_envelope
@@ -45,10 +47,16 @@ logger = logging.getLogger(__name__)
 _FIELD = re.compile(r"\{([^}]*)\}")
 _TOPIC_INVALID = re.compile(r"[^a-zA-Z0-9._-]")
 _MAX_TOPIC = 249
+# aiokafka's default max_request_size; the producer is created with it, and a
+# larger record fails on its own without being sent.
+_MAX_REQUEST_BYTES = 1_048_576
+_PARTITION_CACHE_SIZE = 65_536
 # Seconds to wait for each step of abandoning a producer.
 _ABANDON_TIMEOUT = 5.0
 
 Template = Callable[[Envelope], str]
+# Index in the batch, key, value and headers of one record.
+_Record = tuple[int, bytes | None, bytes, list[tuple[str, bytes]]]
 
 
 def compile_template(template: str) -> Template:
@@ -108,6 +116,8 @@ class KafkaSink:
         self._producer: AIOKafkaProducer | None = None
         self._stale = False
         self._abandoning: set[asyncio.Task[None]] = set()
+        self._next_sticky = -1
+        self._partition_cache: dict[tuple[bytes, int], int] = {}
 
     def abort(self) -> None:
         # `send` is cancellable, so the runner cancels it instead.
@@ -143,6 +153,7 @@ class KafkaSink:
             "compression_type": None if spec.compression == "none" else spec.compression,
             "linger_ms": int(spec.linger * 1000),
             "max_batch_size": spec.batch_bytes,
+            "max_request_size": _MAX_REQUEST_BYTES,
             # NOTE: with idempotence (the default), aiokafka 0.14 keeps retrying
             # a batch past this timeout while the partition's leader is known,
             # so the runner's per-attempt `timeout` is what bounds a send.
@@ -226,26 +237,39 @@ class KafkaSink:
     async def send(self, batch: Sequence[Envelope]) -> None:
         try:
             producer = await self._ensure_producer()
-            futures: dict[int, asyncio.Future[Any]] = {}
-            rejected: dict[int, BaseException] = {}
-            for index, event in enumerate(batch):
-                key = self._key(event).encode() if self._key else None
-                try:
-                    futures[index] = await producer.send(
-                        self._topic_for(event),
-                        encode_envelope(event),
-                        key=key or None,
-                        headers=self._headers_for(event),
-                    )
-                except MessageSizeTooLargeError as exc:
-                    # aiokafka checks the size before it queues the record, so
-                    # only this event failed and the ones before it stay queued.
-                    rejected[index] = exc
-            outcomes = await asyncio.gather(*futures.values(), return_exceptions=True)
-            by_index = {**dict(zip(futures, outcomes, strict=True)), **rejected}
-            results = [by_index[index] for index in range(len(batch))]
+            results: list[object] = [None] * len(batch)
+            pending: list[tuple[asyncio.Future[Any], list[int]]] = []
+            for (topic, partition), records in (await self._group(producer, batch)).items():
+                builder = producer.create_batch()
+                members: list[int] = []
+                for index, key, value, headers in records:
+                    if _record_size(key, value, headers) > _MAX_REQUEST_BYTES:
+                        results[index] = MessageSizeTooLargeError(
+                            f"the record is larger than the producer's max request size "
+                            f"of {_MAX_REQUEST_BYTES} bytes; lower spec.limits of the "
+                            "EventRouter so that events stay smaller"
+                        )
+                        continue
+                    # `append` returns None when the builder is full. An empty
+                    # builder takes any record.
+                    if builder.append(timestamp=None, key=key, value=value, headers=headers):
+                        members.append(index)
+                        continue
+                    pending.append(await self._submit(producer, builder, topic, partition, members))
+                    builder = producer.create_batch()
+                    builder.append(timestamp=None, key=key, value=value, headers=headers)
+                    members = [index]
+                if members:
+                    pending.append(await self._submit(producer, builder, topic, partition, members))
+            outcomes = await asyncio.gather(*(f for f, _ in pending), return_exceptions=True)
+            for (_, members), outcome in zip(pending, outcomes, strict=True):
+                for index in members:
+                    results[index] = outcome
             too_large = [
-                index for index in futures if isinstance(results[index], MessageSizeTooLargeError)
+                index
+                for _, members in pending
+                for index in members
+                if isinstance(results[index], MessageSizeTooLargeError)
             ]
             if len(too_large) > 1:
                 # The broker rejects a whole record batch that exceeds the
@@ -277,6 +301,65 @@ class KafkaSink:
             error = retryable[0] if retryable else errors[0]
             raise _delivery_error(error, None if len(failed) == len(batch) else failed)
 
+    @staticmethod
+    async def _submit(
+        producer: AIOKafkaProducer, builder: Any, topic: str, partition: int, members: list[int]
+    ) -> tuple[asyncio.Future[Any], list[int]]:
+        """Queue a record batch; return its delivery future and the batch indices it carries."""
+        # A closed builder is ready to send at once: the batch is complete, so
+        # waiting out the producer's linger would only add latency.
+        builder.close()
+        future: asyncio.Future[Any] = await producer.send_batch(builder, topic, partition=partition)
+        return future, members
+
+    async def _group(
+        self, producer: AIOKafkaProducer, batch: Sequence[Envelope]
+    ) -> dict[tuple[str, int], list[_Record]]:
+        """Encode each event as a record and group the records by topic and partition.
+
+        A keyed record goes to the partition that Kafka's default partitioner
+        picks (murmur2 of the key), so every producer agrees on it. Records
+        without a key go to one partition per topic and call, the next one each
+        call, as the Java client's sticky partitioner does.
+        """
+        groups: dict[tuple[str, int], list[_Record]] = {}
+        partitions: dict[str, list[int]] = {}
+        sticky: dict[str, int] = {}
+        for index, event in enumerate(batch):
+            topic = self._topic_for(event)
+            known = partitions.get(topic)
+            if known is None:
+                known = partitions[topic] = sorted(await producer.partitions_for(topic))
+            key = self._key(event).encode() if self._key else None
+            if key:
+                partition = self._partition_for(key, known)
+            else:
+                key = None
+                partition = sticky.get(topic, -1)
+                if partition < 0:
+                    self._next_sticky += 1
+                    partition = sticky[topic] = known[self._next_sticky % len(known)]
+            record = (index, key, encode_envelope(event), self._headers_for(event))
+            group = groups.get((topic, partition))
+            if group is None:
+                groups[(topic, partition)] = [record]
+            else:
+                group.append(record)
+        return groups
+
+    def _partition_for(self, key: bytes, partitions: list[int]) -> int:
+        cache_key = (key, len(partitions))
+        position = self._partition_cache.get(cache_key)
+        if position is None:
+            # aiokafka's murmur2 is pure Python (a few microseconds a key), so
+            # positions are cached; the bound keeps the cache from growing with
+            # the number of distinct keys.
+            if len(self._partition_cache) >= _PARTITION_CACHE_SIZE:
+                self._partition_cache.clear()
+            position = (murmur2(key) & 0x7FFFFFFF) % len(partitions)
+            self._partition_cache[cache_key] = position
+        return partitions[position]
+
     async def _send_alone(self, event: Envelope) -> object:
         """Produce one record in a record batch of its own; return its metadata or its error.
 
@@ -301,6 +384,14 @@ class KafkaSink:
             await _stop_quietly(producer, self._spec.request_timeout)
         if self._abandoning:
             await asyncio.gather(*self._abandoning, return_exceptions=True)
+
+
+def _record_size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+    """Upper bound of a record's size in a record batch, as aiokafka's `send` checks it."""
+    if len(value) < _MAX_REQUEST_BYTES // 2:
+        # Headers are bounded far below this margin, so the estimate is skipped.
+        return len(value)
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
 
 
 def _is_permanent(exc: BaseException) -> bool:
