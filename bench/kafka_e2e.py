@@ -1,4 +1,4 @@
-"""End-to-end throughput into a real Kafka broker: raw aiokafka, a naive peer and the router.
+"""End-to-end throughput into a real Kafka broker: raw aiokafka, a naive peer, Camel and the router.
 
 Starts one Kafka broker in KRaft mode with `KafkaBroker` from
 tests/kafka/broker.py, then alternates, for a few rounds, between:
@@ -6,16 +6,21 @@ tests/kafka/broker.py, then alternates, for a few rounds, between:
   can and awaiting every acknowledgement (bench/peers/raw_aiokafka.py);
 - naive: uvicorn with httptools and uvloop serving a raw ASGI app that awaits
   `send_and_wait` for each event before it responds (bench/peers/naive_asgi.py);
+- camel: an Apache Camel 4.22 route on the JVM, from platform-http (Vert.x) to
+  camel-kafka, that splits the batch and responds once Kafka has acknowledged
+  every event (bench/peers/camel, built by scripts/build-camel-peer.sh);
 - router: `eventrouter serve` with one catch-all route to a Kafka sink.
 
 Every producer uses acks all, idempotence and a linger of 5 ms, and each of the
-three writes to its own topic with one partition. The servers and the raw
+four writes to its own topic with one partition. The servers and the raw
 producer are pinned to CPU 0 and wrk to CPU 1. The broker JVM is not pinned, so
 it shares both CPUs with them. wrk posts batches of 50 events of about
-200 bytes (bench/payloads.py). For the router the script also reads the
-topic's end offset before and after each wrk run, because the router responds
-once an event is queued, and only records that reached the topic count as
-delivered. Figures are medians over the rounds.
+200 bytes (bench/payloads.py). For the router and Camel the script also
+reads the topic's end offset before and after each wrk run, so only records
+that reached the topic count as delivered. The router responds once an event
+is queued, and Camel once Kafka has acknowledged it. Camel's JVM gets
+CAMEL_WARMUP_SECONDS of discarded wrk load before each measured run, so the JIT
+compiler has compiled the hot path. Figures are medians over the rounds.
 
     .venv/bin/python bench/kafka_e2e.py [--rounds 3] [--seconds 8]
 """
@@ -49,14 +54,26 @@ sys.path.insert(0, str(REPO))
 from tests.kafka.broker import KafkaBroker  # noqa: E402
 
 from payloads import BATCH_SIZE, batch_body  # noqa: E402
+from peers import camel_peer  # noqa: E402
 
 PYTHON = sys.executable
 KAFKA_VERSION = "4.4.0"
-TOPICS = {"raw": "bench-raw", "naive": "bench-naive", "router": "bench-router"}
-# Seconds without a new record on the router's topic after which its queue
-# counts as drained.
+TOPICS = {
+    "raw": "bench-raw",
+    "naive": "bench-naive",
+    "camel": "bench-camel",
+    "router": "bench-router",
+}
+# Seconds without a new record on a topic after which the server's queue and
+# open requests count as drained.
 DRAIN_QUIET = 1.5
 DRAIN_TIMEOUT = 30.0
+# Seconds for the Camel peer's JVM to start and serve its first 200.
+CAMEL_START_TIMEOUT = 60.0
+# Seconds of wrk load on the Camel peer before each measured run, discarded.
+# On the 2-CPU machine of docs/benchmarks.md, successive 5 s wrk runs on a fresh
+# peer rose from about half the final rate to within 10% of it after 20 s.
+CAMEL_WARMUP_SECONDS = 20
 
 ROUTER_CONFIG = """\
 apiVersion: eventrouter.io/v1alpha1
@@ -236,6 +253,54 @@ def measure_naive(bootstrap: str, body: Path, seconds: int) -> dict[str, float]:
     }
 
 
+def measure_camel(
+    offsets: EndOffsets, bootstrap: str, libs_dir: Path, body: Path, seconds: int
+) -> dict[str, float]:
+    """Measure the Camel peer with wrk and with the topic's end offsets.
+
+    The peer responds 200 only after Kafka acknowledged the request's records,
+    so the topic should gain at least 50 records per 200 response. It can gain
+    up to 3,200 more (50 for each of wrk's 64 connections) from the requests
+    still open when wrk stops.
+    `events_per_s` is the smaller of the two figures.
+    """
+    topic = TOPICS["camel"]
+    port = free_port()
+    process = camel_peer.start(libs_dir, port, bootstrap, topic)
+    try:
+        try:
+            post_batch(port, body.read_bytes(), timeout=CAMEL_START_TIMEOUT)
+        except RuntimeError as exc:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"the Camel peer exited with code {process.returncode} before it "
+                    "responded 200; its log is above"
+                ) from exc
+            raise
+        run_wrk(port, body, CAMEL_WARMUP_SECONDS)
+        # Wait until the requests still open when the warm-up's wrk stopped have completed.
+        wait_until_quiet(offsets, topic)
+
+        before = offsets.read(topic)
+        start = time.monotonic()
+        wrk = run_wrk(port, body, seconds)
+        elapsed = time.monotonic() - start
+        at_end = offsets.read(topic)
+        drained, drain_seconds = wait_until_quiet(offsets, topic)
+    finally:
+        stop_process(process)
+    acknowledged = wrk["ok_per_s"] * BATCH_SIZE
+    delivered = (at_end - before) / elapsed
+    return {
+        "events_per_s": min(acknowledged, delivered),
+        "wrk_events_per_s": acknowledged,
+        "delivered_per_s": delivered,
+        "delivered_after_drain": float(drained - before),
+        "drain_seconds": drain_seconds,
+        "failed_requests": wrk["failed_requests"],
+    }
+
+
 def measure_router(offsets: EndOffsets, config: Path, body: Path, seconds: int) -> dict[str, float]:
     topic = TOPICS["router"]
     port = free_port()
@@ -279,9 +344,11 @@ def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
-def run_rounds(broker: KafkaBroker, rounds: int, seconds: int) -> dict[str, list[dict[str, float]]]:
-    results: dict[str, list[dict[str, float]]] = {"raw": [], "naive": [], "router": []}
-    order = ["raw", "naive", "router"]
+def run_rounds(
+    broker: KafkaBroker, camel_libs: Path, rounds: int, seconds: int
+) -> dict[str, list[dict[str, float]]]:
+    order = ["raw", "naive", "camel", "router"]
+    results: dict[str, list[dict[str, float]]] = {kind: [] for kind in order}
     offsets = EndOffsets(broker.bootstrap)
     try:
         with tempfile.TemporaryDirectory() as folder:
@@ -299,6 +366,10 @@ def run_rounds(broker: KafkaBroker, rounds: int, seconds: int) -> dict[str, list
                         figures = measure_raw(broker.bootstrap, seconds)
                     elif kind == "naive":
                         figures = measure_naive(broker.bootstrap, body, seconds)
+                    elif kind == "camel":
+                        figures = measure_camel(
+                            offsets, broker.bootstrap, camel_libs, body, seconds
+                        )
                     else:
                         figures = measure_router(offsets, config, body, seconds)
                     results[kind].append(figures)
@@ -311,6 +382,7 @@ def run_rounds(broker: KafkaBroker, rounds: int, seconds: int) -> dict[str, list
 def report(results: dict[str, list[dict[str, float]]]) -> None:
     raw = statistics.median(r["events_per_s"] for r in results["raw"])
     naive = statistics.median(r["events_per_s"] for r in results["naive"])
+    camel = statistics.median(r["events_per_s"] for r in results["camel"])
     router_wrk = statistics.median(r["wrk_events_per_s"] for r in results["router"])
     router = statistics.median(r["delivered_per_s"] for r in results["router"])
     print("| candidate | events/s, median (min-max) |")
@@ -320,6 +392,10 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
         (
             "naive peer (uvicorn, send_and_wait per event)",
             [r["events_per_s"] for r in results["naive"]],
+        ),
+        (
+            "Camel (platform-http to camel-kafka, split per event)",
+            [r["events_per_s"] for r in results["camel"]],
         ),
         ("router, 200 responses (wrk)", [r["wrk_events_per_s"] for r in results["router"]]),
         ("router, records on the topic", [r["delivered_per_s"] for r in results["router"]]),
@@ -332,8 +408,10 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     print()
     print(f"router (delivered) / raw aiokafka: {router / raw:.2f}")
     print(f"router (delivered) / naive peer: {router / naive:.2f}")
+    print(f"router (delivered) / Camel: {router / camel:.2f}")
     print(f"router (wrk) / raw aiokafka: {router_wrk / raw:.2f}")
     print(f"router (wrk) / naive peer: {router_wrk / naive:.2f}")
+    print(f"router (wrk) / Camel: {router_wrk / camel:.2f}")
 
 
 def main() -> int:
@@ -349,6 +427,9 @@ def main() -> int:
             print(f"{tool} not found: apt-get install -y wrk util-linux", file=sys.stderr)
             return 2
 
+    # Build before the broker starts, so a failed Maven build costs no broker start-up.
+    camel_libs = camel_peer.build()
+
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load_before = load_average()
     broker = KafkaBroker()
@@ -356,7 +437,7 @@ def main() -> int:
         broker.start()
         for topic in TOPICS.values():
             asyncio.run(broker.create_topic(topic, 1))
-        results = run_rounds(broker, args.rounds, args.seconds)
+        results = run_rounds(broker, camel_libs, args.rounds, args.seconds)
     finally:
         broker.close()
     load_after = load_average()
