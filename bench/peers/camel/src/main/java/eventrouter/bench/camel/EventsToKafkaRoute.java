@@ -21,7 +21,12 @@ import org.apache.camel.support.processor.PredicateValidationException;
  * <p>NOTE: camel-platform-http-vertx 4.22 runs each request on a thread of
  * the Vert.x worker pool and blocks that thread until the exchange completes.
  * The pool has 20 threads by default, so at most 20 requests are in progress
- * at once, and the others wait in the pool's queue.
+ * at once, and the others wait in the pool's queue. Each of the 20 sends one
+ * record at a time, so the rate is bound by latency, not CPU. Adding
+ * {@code .parallelProcessing()} to the splitter sends a request's 50 events
+ * concurrently and still responds after all acknowledgements. In one trial on
+ * a 2-CPU KVM guest (5 s wrk runs after 35 s of load) that raised the rate
+ * from about 3,000 to about 45,000 events/s, with the JVM's CPU near 100%.
  *
  * <p>Reads the property placeholders {@code kafka.bootstrap} and
  * {@code kafka.topic}.
