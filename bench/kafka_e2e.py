@@ -7,12 +7,16 @@ tests/kafka/broker.py, then alternates, for a few rounds, between:
 - naive: uvicorn with httptools and uvloop serving a raw ASGI app that awaits
   `send_and_wait` for each event before it responds (bench/peers/naive_asgi.py);
 - camel: an Apache Camel 4.22 route on the JVM, from platform-http (Vert.x) to
-  camel-kafka, that splits the batch and responds once Kafka has acknowledged
-  every event (bench/peers/camel, built by scripts/build-camel-peer.sh);
+  camel-kafka, that splits the batch, sends the events one after the other and
+  responds once Kafka has acknowledged every event (bench/peers/camel, built by
+  scripts/build-camel-peer.sh);
+- camel-parallel: the same route with the splitter's parallelProcessing on, so
+  it sends a request's events concurrently and still responds once Kafka has
+  acknowledged every event;
 - router: `eventrouter serve` with one catch-all route to a Kafka sink.
 
 Every producer uses acks all, idempotence and a linger of 5 ms, and each of the
-four writes to its own topic with one partition. The servers and the raw
+five writes to its own topic with one partition. The servers and the raw
 producer are pinned to CPU 0 and wrk to CPU 1. The broker JVM is not pinned, so
 it shares both CPUs with them. wrk posts batches of 50 events of about
 200 bytes (bench/payloads.py). For the router and Camel the script also
@@ -62,6 +66,7 @@ TOPICS = {
     "raw": "bench-raw",
     "naive": "bench-naive",
     "camel": "bench-camel",
+    "camel-parallel": "bench-camel-parallel",
     "router": "bench-router",
 }
 # Seconds without a new record on a topic after which the server's queue and
@@ -254,9 +259,18 @@ def measure_naive(bootstrap: str, body: Path, seconds: int) -> dict[str, float]:
 
 
 def measure_camel(
-    offsets: EndOffsets, bootstrap: str, libs_dir: Path, body: Path, seconds: int
+    offsets: EndOffsets,
+    bootstrap: str,
+    libs_dir: Path,
+    body: Path,
+    seconds: int,
+    parallel: bool = False,
 ) -> dict[str, float]:
     """Measure the Camel peer with wrk and with the topic's end offsets.
+
+    `parallel` starts the peer with the splitter's parallel processing and
+    measures the camel-parallel topic. The warm-up and the rule below are the
+    same in both modes.
 
     The peer responds 200 only after Kafka acknowledged the request's records,
     so the topic should gain at least 50 records per 200 response. It can gain
@@ -264,16 +278,17 @@ def measure_camel(
     still open when wrk stops.
     `events_per_s` is the smaller of the two figures.
     """
-    topic = TOPICS["camel"]
+    kind = "camel-parallel" if parallel else "camel"
+    topic = TOPICS[kind]
     port = free_port()
-    process = camel_peer.start(libs_dir, port, bootstrap, topic)
+    process = camel_peer.start(libs_dir, port, bootstrap, topic, parallel=parallel)
     try:
         try:
             post_batch(port, body.read_bytes(), timeout=CAMEL_START_TIMEOUT)
         except RuntimeError as exc:
             if process.poll() is not None:
                 raise RuntimeError(
-                    f"the Camel peer exited with code {process.returncode} before it "
+                    f"the Camel peer ({kind}) exited with code {process.returncode} before it "
                     "responded 200; its log is above"
                 ) from exc
             raise
@@ -347,7 +362,7 @@ def load_average() -> str:
 def run_rounds(
     broker: KafkaBroker, camel_libs: Path, rounds: int, seconds: int
 ) -> dict[str, list[dict[str, float]]]:
-    order = ["raw", "naive", "camel", "router"]
+    order = ["raw", "naive", "camel", "camel-parallel", "router"]
     results: dict[str, list[dict[str, float]]] = {kind: [] for kind in order}
     offsets = EndOffsets(broker.bootstrap)
     try:
@@ -370,6 +385,10 @@ def run_rounds(
                         figures = measure_camel(
                             offsets, broker.bootstrap, camel_libs, body, seconds
                         )
+                    elif kind == "camel-parallel":
+                        figures = measure_camel(
+                            offsets, broker.bootstrap, camel_libs, body, seconds, parallel=True
+                        )
                     else:
                         figures = measure_router(offsets, config, body, seconds)
                     results[kind].append(figures)
@@ -383,6 +402,7 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     raw = statistics.median(r["events_per_s"] for r in results["raw"])
     naive = statistics.median(r["events_per_s"] for r in results["naive"])
     camel = statistics.median(r["events_per_s"] for r in results["camel"])
+    camel_parallel = statistics.median(r["events_per_s"] for r in results["camel-parallel"])
     router_wrk = statistics.median(r["wrk_events_per_s"] for r in results["router"])
     router = statistics.median(r["delivered_per_s"] for r in results["router"])
     print("| candidate | events/s, median (min-max) |")
@@ -397,6 +417,10 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
             "Camel (platform-http to camel-kafka, split per event)",
             [r["events_per_s"] for r in results["camel"]],
         ),
+        (
+            "Camel, parallel splitter (parallelProcessing on)",
+            [r["events_per_s"] for r in results["camel-parallel"]],
+        ),
         ("router, 200 responses (wrk)", [r["wrk_events_per_s"] for r in results["router"]]),
         ("router, records on the topic", [r["delivered_per_s"] for r in results["router"]]),
     )
@@ -409,9 +433,11 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     print(f"router (delivered) / raw aiokafka: {router / raw:.2f}")
     print(f"router (delivered) / naive peer: {router / naive:.2f}")
     print(f"router (delivered) / Camel: {router / camel:.2f}")
+    print(f"router (delivered) / Camel parallel: {router / camel_parallel:.2f}")
     print(f"router (wrk) / raw aiokafka: {router_wrk / raw:.2f}")
     print(f"router (wrk) / naive peer: {router_wrk / naive:.2f}")
     print(f"router (wrk) / Camel: {router_wrk / camel:.2f}")
+    print(f"router (wrk) / Camel parallel: {router_wrk / camel_parallel:.2f}")
 
 
 def main() -> int:

@@ -12,7 +12,7 @@
 # Usage: build-camel-peer.sh [--print-libs-dir]
 #   --print-libs-dir  print the jar folder's path on stdout after the check
 # Run the peer with: java -cp '<libs dir>/*' eventrouter.bench.camel.CamelPeer \
-#   --port PORT --bootstrap HOST:PORT --topic TOPIC
+#   --port PORT --bootstrap HOST:PORT --topic TOPIC [--parallel]
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

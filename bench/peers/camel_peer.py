@@ -2,7 +2,9 @@
 
 The peer in bench/peers/camel is a Camel Main application with one route:
 `POST /v2/events` on a Vert.x HTTP server, split into one Kafka record per
-event, 200 once Kafka has acknowledged every record of the request.
+event, 200 once Kafka has acknowledged every record of the request. By default
+the splitter sends a request's events one after the other, and with
+`parallel=True` (`--parallel`) it sends them concurrently.
 scripts/build-camel-peer.sh builds it into a jar folder under
 ~/.cache/eventrouter/camel-peer/, keyed by the hash of its sources.
 """
@@ -53,8 +55,12 @@ def find_java() -> str:
     return java
 
 
-def start(libs_dir: Path, port: int, bootstrap: str, topic: str) -> subprocess.Popen[bytes]:
+def start(
+    libs_dir: Path, port: int, bootstrap: str, topic: str, parallel: bool = False
+) -> subprocess.Popen[bytes]:
     """Start the peer on 127.0.0.1:`port`, pinned to CPU 0 like the other servers.
+
+    `parallel` selects the splitter's parallel processing.
 
     Under `taskset -c 0` the JVM counts 1 available processor, so its
     ergonomics pick the serial garbage collector and 2 JIT compiler threads
@@ -67,4 +73,6 @@ def start(libs_dir: Path, port: int, bootstrap: str, topic: str) -> subprocess.P
         "-cp", f"{libs_dir}/*", MAIN_CLASS,
         "--port", str(port), "--bootstrap", bootstrap, "--topic", topic,
     ]  # fmt: skip
+    if parallel:
+        command.append("--parallel")
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)

@@ -16,8 +16,12 @@ import org.apache.camel.main.MainListenerSupport;
  *
  * <pre>
  * java -cp 'libs/*' eventrouter.bench.camel.CamelPeer \
- *     --port 8080 --bootstrap 127.0.0.1:9092 --topic events
+ *     --port 8080 --bootstrap 127.0.0.1:9092 --topic events [--parallel]
  * </pre>
+ *
+ * <p>{@code --parallel} turns on the splitter's parallel processing, as
+ * {@link EventsToKafkaRoute} describes. Without it the splitter sends the
+ * events of a request one after the other.
  *
  * <p>Runs until SIGTERM or SIGINT, then stops the route gracefully.
  */
@@ -26,8 +30,12 @@ public final class CamelPeer {
     static final String HOST = "127.0.0.1";
 
     private static final String USAGE =
-            "Usage: CamelPeer --port PORT --bootstrap HOST:PORT[,HOST:PORT...] --topic TOPIC";
+            "Usage: CamelPeer --port PORT --bootstrap HOST:PORT[,HOST:PORT...] --topic TOPIC"
+                    + " [--parallel]";
+    /** Options that take a value, all required. */
     private static final List<String> OPTIONS = List.of("--port", "--bootstrap", "--topic");
+    /** The only option without a value. */
+    static final String PARALLEL = "--parallel";
 
     private CamelPeer() {
     }
@@ -57,7 +65,7 @@ public final class CamelPeer {
         main.addInitialProperty("kafka.bootstrap", options.get("--bootstrap"));
         main.addInitialProperty("kafka.topic", options.get("--topic"));
         main.configure().withName("camel-peer");
-        main.configure().addRoutesBuilder(new EventsToKafkaRoute());
+        main.configure().addRoutesBuilder(new EventsToKafkaRoute(options.containsKey(PARALLEL)));
         main.addMainListener(new MainListenerSupport() {
             @Override
             public void beforeStart(BaseMainSupport support) {
@@ -71,11 +79,21 @@ public final class CamelPeer {
         main.run();
     }
 
-    /** Parses {@code --name value} pairs and rejects unknown or missing options. */
+    /**
+     * Parses {@code --name value} pairs and the {@code --parallel} flag, and
+     * rejects unknown or missing options. The flag, when given, maps to an
+     * empty string.
+     */
     static Map<String, String> parseOptions(String[] args) {
         Map<String, String> options = new HashMap<>();
-        for (int i = 0; i < args.length; i += 2) {
+        int i = 0;
+        while (i < args.length) {
             String name = args[i];
+            if (name.equals(PARALLEL)) {
+                options.put(name, "");
+                i += 1;
+                continue;
+            }
             if (!OPTIONS.contains(name)) {
                 throw new IllegalArgumentException("unknown option '" + name + "'");
             }
@@ -83,6 +101,7 @@ public final class CamelPeer {
                 throw new IllegalArgumentException("option " + name + " requires a value");
             }
             options.put(name, args[i + 1]);
+            i += 2;
         }
         for (String name : OPTIONS) {
             if (!options.containsKey(name)) {
