@@ -181,8 +181,9 @@ def start_router(
     args: list[str] | None = None,
     stdout: int | IO[bytes] | None = subprocess.DEVNULL,
     ready_timeout: float = 30.0,
+    port: int | None = None,
 ) -> RouterProcess:
-    port, admin_port = free_port(), free_port()
+    port, admin_port = port or free_port(), free_port()
     command = [
         sys.executable,
         "-m",
@@ -196,7 +197,7 @@ def start_router(
     for file in files or []:
         command += ["-f", str(file)]
     command += args or []
-    stderr_path = tmp_path / f"router-{port}.log"
+    stderr_path = tmp_path / f"router-{port}-{admin_port}.log"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("EVENTROUTER_")}
     environment.update({"EVENTROUTER_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"})
     environment.update(env or {})

@@ -36,6 +36,11 @@ Send = Callable[[Message], Awaitable[None]]
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _EMPTY_OK = b"{}"
+_SPAN_NAMES = {path: f"POST {path}" for path in ("/v2/event", "/v2/events")}
+_SPAN_ATTRIBUTES = {
+    path: {"http.request.method": "POST", "http.route": path, "url.path": path}
+    for path in _SPAN_NAMES
+}
 
 
 class IngestApp:
@@ -112,9 +117,7 @@ class IngestApp:
         authorization, api_key, traceparent = _scan_headers(scope)
         path = scope["path"]
         span, context = self.engine.tracing.start_ingest(
-            traceparent,
-            f"POST {path}",
-            {"http.request.method": "POST", "http.route": path, "url.path": path},
+            traceparent, _SPAN_NAMES[path], _SPAN_ATTRIBUTES[path]
         )
         try:
             if not self.accepting:
@@ -123,6 +126,7 @@ class IngestApp:
                 )
             principal = self._authenticate(scope, authorization, api_key)
             body = await self._read_body(scope, receive)
+            self._reject_when_full(body, batch)
             if batch:
                 status, payload = self._accept_batch(body, principal, context)
             else:
@@ -210,6 +214,32 @@ class IngestApp:
             chunks.append(chunk)
             more = message.get("more_body", False)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _reject_when_full(self, body: bytes, batch: bool) -> None:
+        """Raise 503 under `reject` when the request's events do not fit, before decoding them.
+
+        Decoding and building envelopes cost most of a request, and an
+        overloaded router needs its CPU to deliver what it holds, which frees
+        the room. A body that is not a valid batch goes on to the full decoder,
+        which reports the error.
+        """
+        buffer = self.engine.buffer
+        if buffer.overflow != "reject":
+            return
+        free = buffer.capacity - len(buffer)
+        if free >= (self.decoder.limits.max_batch_events if batch else 1):
+            return
+        count = self.decoder.count_events(body) if batch else 1
+        if count is None or count <= free:
+            return
+        self._received_http.inc(count)
+        self.metrics.rejected.labels("overloaded").inc(count)
+        raise IngestError(
+            503,
+            "overloaded",
+            f"the router's buffer is full, so {count} events were not accepted; "
+            "retry after 1 second",
+        )
 
     def _envelopes(
         self, events: list[Any], principal: Principal, traceparent: str | None
@@ -333,9 +363,17 @@ def _error(code: str, message: str) -> bytes:
     return orjson.dumps({"error": code, "message": message})
 
 
+_EMPTY_OK_HEADERS = [*_JSON_HEADERS, (b"content-length", b"2")]
+
+
 async def _respond(
     send: Send, status: int, body: bytes, extra_headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
+    if status == 200 and body is _EMPTY_OK and extra_headers is None:
+        # The reply to every accepted single event; uvicorn copies the list.
+        await send({"type": "http.response.start", "status": 200, "headers": _EMPTY_OK_HEADERS})
+        await send({"type": "http.response.body", "body": body})
+        return
     headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
     if extra_headers:
         headers.extend(extra_headers)

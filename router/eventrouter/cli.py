@@ -44,6 +44,13 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--host", help="ingestion address (EVENTROUTER_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="ingestion port (EVENTROUTER_PORT, default 7350)")
     serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=None,
+        help="let several routers listen on the same ingestion port, so the kernel spreads "
+        "connections over them; give each its own --admin-port (EVENTROUTER_REUSE_PORT)",
+    )
+    serve.add_argument(
         "--admin-host", help="admin address (EVENTROUTER_ADMIN_HOST, default 127.0.0.1)"
     )
     serve.add_argument(

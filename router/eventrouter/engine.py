@@ -94,9 +94,12 @@ class RingBuffer:
                 return None
             self._not_empty.clear()
             await self._not_empty.wait()
-        count = min(limit, len(self._items))
+        if limit >= len(self._items):
+            items = list(self._items)
+            self._items.clear()
+            return items
         popleft = self._items.popleft
-        return [popleft() for _ in range(count)]
+        return [popleft() for _ in range(limit)]
 
     def close(self) -> None:
         self._closed = True
@@ -242,8 +245,36 @@ class Engine:
 
     async def _dispatch(self, batch: list[Envelope]) -> None:
         active = self._active
-        targets = active.table.targets
+        table = active.table
         per_sink: dict[str, list[Envelope]] = {}
+        if table.constant is not None:
+            # Every event matches the same routes: the batch goes whole to each sink.
+            routes, sinks = table.constant
+            for route in routes:
+                self.metrics.route_matches.labels(route).inc(len(batch))
+            if not routes:
+                self._unmatched.inc(len(batch))
+            for sink in sinks:
+                per_sink[sink] = batch
+        else:
+            self._split(table, batch, per_sink)
+        pending = list(per_sink.items())
+        for index, (sink, events) in enumerate(pending):
+            try:
+                await active.runners[sink].put(events)
+            except asyncio.CancelledError:
+                # Shutdown cancelled this worker while a sink queue was full; the
+                # sinks it had not reached yet count their events as dropped.
+                for later, rest in pending[index + 1 :]:
+                    active.runners[later].discard(rest, "shutdown")
+                    log_undelivered(f"sink {later}", rest)
+                raise
+
+    def _split(
+        self, table: RouteTable, batch: list[Envelope], per_sink: dict[str, list[Envelope]]
+    ) -> None:
+        """Fill `per_sink` with the events each sink receives, in the batch's order."""
+        targets = table.targets
         route_counts: dict[str, int] = {}
         unmatched = 0
         for event in batch:
@@ -263,17 +294,6 @@ class Engine:
             self._unmatched.inc(unmatched)
         for route, count in route_counts.items():
             self.metrics.route_matches.labels(route).inc(count)
-        pending = list(per_sink.items())
-        for index, (sink, events) in enumerate(pending):
-            try:
-                await active.runners[sink].put(events)
-            except asyncio.CancelledError:
-                # Shutdown cancelled this worker while a sink queue was full; the
-                # sinks it had not reached yet count their events as dropped.
-                for later, rest in pending[index + 1 :]:
-                    active.runners[later].discard(rest, "shutdown")
-                    log_undelivered(f"sink {later}", rest)
-                raise
 
     # --- reload ------------------------------------------------------------------
 

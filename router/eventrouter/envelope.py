@@ -68,7 +68,6 @@ def encode_envelope(envelope: Envelope) -> bytes:
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Two Crockford digits for each 10-bit value.
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
-_LOW_MASK = (1 << 40) - 1
 
 
 class IdGenerator:
@@ -82,6 +81,9 @@ class IdGenerator:
         self._lock = threading.Lock()
         self._last_ms = 0
         self._random = 0
+        # The first 24 digits of the last id made, and the bits above its low 10.
+        self._block = -1
+        self._prefix = ""
 
     def next_ids(self, count: int) -> list[str]:
         with self._lock:
@@ -90,43 +92,43 @@ class IdGenerator:
                 self._last_ms = now_ms
                 # One bit of headroom so that increments never carry into the time.
                 self._random = int.from_bytes(os.urandom(10), "big") >> 1
-            first = (self._last_ms << 80) | self._random
+            value = (self._last_ms << 80) | self._random
             self._random += count
-        # The ids of one call share all but their low 40 bits (8 digits) unless
-        # the low bits carry over, so the 18 high digits are encoded once.
-        pairs = _PAIRS
-        ids = []
-        high = -1
-        prefix = ""
-        for value in range(first, first + count):
-            if value >> 40 != high:
-                high = value >> 40
-                prefix = _encode_high(high)
-            low = value & _LOW_MASK
-            ids.append(
-                prefix
-                + pairs[low >> 30]
-                + pairs[(low >> 20) & 0x3FF]
-                + pairs[(low >> 10) & 0x3FF]
-                + pairs[low & 0x3FF]
-            )
+            # Consecutive ids differ only in their last two digits (the low 10
+            # bits) until those carry over, so the 24 digits before them are
+            # encoded once per block of 1,024 values and reused across calls.
+            pairs = _PAIRS
+            ids: list[str] = []
+            end = value + count
+            while value < end:
+                block = value >> 10
+                if block != self._block:
+                    self._block = block
+                    self._prefix = _encode_prefix(block)
+                prefix = self._prefix
+                block_end = min(end, (block + 1) << 10)
+                ids += [prefix + pairs[v & 0x3FF] for v in range(value, block_end)]
+                value = block_end
         return ids
 
 
-def _encode_high(high: int) -> str:
-    """Encode the first 18 digits of a ULID: its top 90 bits, of which the top 2 are zero."""
+def _encode_prefix(block: int) -> str:
+    """Encode the first 24 digits of a ULID: its top 120 bits, of which the top 2 are zero."""
     pairs = _PAIRS
     return (
-        _CROCKFORD[high >> 85]
-        + pairs[(high >> 75) & 0x3FF]
-        + pairs[(high >> 65) & 0x3FF]
-        + pairs[(high >> 55) & 0x3FF]
-        + pairs[(high >> 45) & 0x3FF]
-        + pairs[(high >> 35) & 0x3FF]
-        + pairs[(high >> 25) & 0x3FF]
-        + pairs[(high >> 15) & 0x3FF]
-        + pairs[(high >> 5) & 0x3FF]
-        + _CROCKFORD[high & 0x1F]
+        _CROCKFORD[block >> 115]
+        + pairs[(block >> 105) & 0x3FF]
+        + pairs[(block >> 95) & 0x3FF]
+        + pairs[(block >> 85) & 0x3FF]
+        + pairs[(block >> 75) & 0x3FF]
+        + pairs[(block >> 65) & 0x3FF]
+        + pairs[(block >> 55) & 0x3FF]
+        + pairs[(block >> 45) & 0x3FF]
+        + pairs[(block >> 35) & 0x3FF]
+        + _CROCKFORD[(block >> 30) & 0x1F]
+        + pairs[(block >> 20) & 0x3FF]
+        + pairs[(block >> 10) & 0x3FF]
+        + pairs[block & 0x3FF]
     )
 
 
@@ -141,59 +143,83 @@ class EventError:
 class EventDecoder:
     """Decode `POST /v2/event` and `POST /v2/events` bodies under the router's limits.
 
-    Unknown fields are ignored, as Nakama's API does. A batch is decoded event by
-    event, so one invalid event is reported by index and never hides the others.
+    Unknown fields are ignored, as Nakama's API does. A valid body is decoded in
+    one pass. A body with an invalid event is decoded again event by event, so
+    each invalid event is reported by index and never hides the others.
     """
 
     def __init__(self, limits: LimitsSpec) -> None:
         self.limits = limits
-        key = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.max_property_key_length)]
         value = Annotated[str, msgspec.Meta(max_length=limits.max_property_value_length)]
-        event_type = msgspec.defstruct(
-            "Event",
-            [
-                (
-                    "name",
-                    Annotated[
-                        str,
-                        msgspec.Meta(
-                            min_length=1,
-                            max_length=limits.max_name_length,
-                            # No control characters: names end up in log lines,
-                            # topic names and HTTP headers.
-                            pattern=r"^[^\x00-\x1f\x7f]+$",
-                        ),
-                    ],
-                ),
-                (
-                    "properties",
-                    Annotated[dict[key, value], msgspec.Meta(max_length=limits.max_properties)],
-                    msgspec.field(default_factory=dict),
-                ),
-                ("timestamp", Annotated[datetime, msgspec.Meta(tz=True)] | None, None),
-                ("external", bool, True),
-            ],
-            frozen=True,
-            gc=False,
-        )
-        batch_type = msgspec.defstruct(
-            "Batch",
-            [
-                (
-                    "events",
-                    Annotated[
-                        list[msgspec.Raw],
-                        msgspec.Meta(min_length=1, max_length=limits.max_batch_events),
-                    ],
-                )
-            ],
-        )
-        self.event_type: Any = event_type
-        self._event = msgspec.json.Decoder(event_type)
-        self._batch: msgspec.json.Decoder[Any] = msgspec.json.Decoder(batch_type)
+        name = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.max_name_length)]
+        strict_key = Annotated[
+            str, msgspec.Meta(min_length=1, max_length=limits.max_property_key_length)
+        ]
+        # The strict type checks everything and words the errors. The fast type
+        # leaves out the name's character check and the key lengths, which cost
+        # about half of the decoding. `_passes_checks` applies them instead, once
+        # per distinct name and key. Plain `str` keys also let msgspec reuse one
+        # string object for each repeated property key.
+        strict_event = _event_type(
+            Annotated[str, msgspec.Meta(min_length=1, max_length=limits.max_name_length,
+                                        pattern=_NAME_PATTERN)],
+            strict_key,
+            value,
+            limits.max_properties,
+        )  # fmt: skip
+        fast_event = _event_type(name, str, value, limits.max_properties)
+        raw_batch = _batch_type(msgspec.Raw, limits.max_batch_events)
+        fast_batch = _batch_type(fast_event, limits.max_batch_events)
+        self.event_type: Any = strict_event
+        self._event = msgspec.json.Decoder(strict_event)
+        self._fast_event = msgspec.json.Decoder(fast_event)
+        self._batch: msgspec.json.Decoder[Any] = msgspec.json.Decoder(raw_batch)
+        self._fast_batch: msgspec.json.Decoder[Any] = msgspec.json.Decoder(fast_batch)
+        self._max_key = limits.max_property_key_length
+        # Names that passed the character check, each mapped to one shared
+        # string object, so queued events of one name share their name.
+        self._names: dict[str, str] = {}
+        # Property keys whose length is valid.
+        self._keys: set[str] = set()
+
+    def _passes_checks(self, events: list[Any]) -> bool:
+        """Apply the checks that the fast type leaves out, and share the names' strings."""
+        names = self._names
+        keys = self._keys
+        for event in events:
+            name = event.name
+            known = names.get(name)
+            if known is None:
+                if _CONTROL_CHARACTER.search(name):
+                    return False
+                if len(names) >= _NAME_CACHE_SIZE:
+                    names.clear()
+                names[name] = name
+            elif known is not name:
+                event.name = known
+            properties = event.properties
+            if properties and not keys.issuperset(properties):
+                for key in properties:
+                    if key not in keys:
+                        if not 0 < len(key) <= self._max_key:
+                            return False
+                        if len(keys) >= _KEY_CACHE_SIZE:
+                            keys.clear()
+                        keys.add(key)
+        return True
 
     def decode_one(self, body: bytes) -> Any:
         """Decode a single event; raise `msgspec.ValidationError` or `DecodeError`."""
+        try:
+            event = self._fast_event.decode(body)
+        except (msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            if self._passes_checks([event]):
+                return event
+        return self._decode_strict(body)
+
+    def _decode_strict(self, body: bytes) -> Any:
         try:
             return self._event.decode(body)
         except RecursionError:
@@ -217,13 +243,27 @@ class EventDecoder:
                 return msgspec.ValidationError(text)
         return exc
 
+    def count_events(self, body: bytes) -> int | None:
+        """Count the events of a batch without decoding them, or return None if it is invalid."""
+        try:
+            return len(self._batch.decode(body).events)
+        except (msgspec.DecodeError, RecursionError):
+            return None
+
     def decode_batch(self, body: bytes) -> tuple[list[Any], list[EventError]]:
         """Decode a batch into its valid events and one error per invalid event."""
+        try:
+            events: list[Any] = self._fast_batch.decode(body).events
+        except (msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            if self._passes_checks(events):
+                return events, []
         try:
             raws: list[msgspec.Raw] = self._batch.decode(body).events
         except RecursionError:
             raise msgspec.DecodeError(_TOO_DEEP) from None
-        events: list[Any] = []
+        events = []
         errors: list[EventError] = []
         for index, raw in enumerate(raws):
             try:
@@ -231,6 +271,38 @@ class EventDecoder:
             except msgspec.DecodeError as exc:
                 errors.append(EventError(index, describe_decode_error(exc, f"events[{index}]")))
         return events, errors
+
+
+# No control characters: names end up in log lines, topic names and HTTP
+# headers. `\Z`, unlike `$`, does not match before a final newline.
+_NAME_PATTERN = r"^[^\x00-\x1f\x7f]+\Z"
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+_NAME_CACHE_SIZE = 4096
+_KEY_CACHE_SIZE = 4096
+
+
+def _event_type(name: Any, key: Any, value: Any, max_properties: int) -> Any:
+    return msgspec.defstruct(
+        "Event",
+        [
+            ("name", name),
+            (
+                "properties",
+                Annotated[dict[key, value], msgspec.Meta(max_length=max_properties)],
+                msgspec.field(default_factory=dict),
+            ),
+            ("timestamp", Annotated[datetime, msgspec.Meta(tz=True)] | None, None),
+            ("external", bool, True),
+        ],
+        gc=False,
+    )
+
+
+def _batch_type(event: Any, max_events: int) -> Any:
+    return msgspec.defstruct(
+        "Batch",
+        [("events", Annotated[list[event], msgspec.Meta(min_length=1, max_length=max_events)])],
+    )
 
 
 _TOO_DEEP = "JSON is nested too deeply; events hold a name, string properties and a timestamp"
@@ -251,6 +323,8 @@ def describe_decode_error(exc: msgspec.DecodeError, prefix: str = "") -> str:
         path = f"{path}.{match.group(1)}" if path else match.group(1)
         text = "required field is missing"
     path = path.removeprefix("$").lstrip(".").replace("[...]", "")
+    if text.startswith("Expected `str` matching regex") and path == "name":
+        text = "must not contain control characters (U+0000 to U+001F or U+007F)"
     if path.startswith("properties") and text.startswith("Expected `str`, got"):
         text += "; property values must be strings, so send numbers and booleans as text"
     location = ".".join(p for p in (prefix, path) if p).replace(".[", "[")

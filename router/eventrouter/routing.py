@@ -114,6 +114,13 @@ class RouteTable:
         self.routes = tuple(CompiledRoute.compile(r) for r in routes)
         self._cacheable = all(not r.conditions for r in self.routes)
         self._cache: dict[tuple[str, bool], tuple[list[str], list[str]]] = {}
+        self.constant: tuple[list[str], list[str]] | None = None
+        """The targets of every event, when no route tests names, `external` or properties."""
+        if all(r.match_all_names and r.external is None and not r.conditions for r in self.routes):
+            self.constant = (
+                [r.name for r in self.routes],
+                list(dict.fromkeys(s for r in self.routes for s in r.sinks)),
+            )
 
     def targets(self, event: Envelope) -> tuple[list[str], list[str]]:
         """Return the matching route names and the sinks they name, each sink once.

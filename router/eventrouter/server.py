@@ -292,7 +292,7 @@ class Router:
         # The listening sockets are bound here, so that a port in use is a
         # clear error instead of uvicorn's exit from inside a task.
         try:
-            ingest_socket = _bind(settings.host, settings.port)
+            ingest_socket = _bind(settings.host, settings.port, reuse_port=settings.reuse_port)
             admin_socket = _bind(settings.admin_host, settings.admin_port)
         except OSError as exc:
             logger.error("%s", exc)
@@ -417,19 +417,30 @@ def _shutdown_drops(metrics: Metrics) -> float:
     return total
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bind a listening TCP socket, or raise OSError with a message that names the fix."""
+def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """Bind a listening TCP socket, or raise OSError with a message that names the fix.
+
+    With `reuse_port`, Linux lets other sockets of the same user that also set
+    SO_REUSEPORT bind the same address, and spreads new connections over them.
+    """
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
+        hint = (
+            "every router on this port needs --reuse-port"
+            if reuse_port
+            else "choose others with --port and --admin-port"
+        )
         raise OSError(
             exc.errno,
             f"cannot listen on {host}:{port}: {exc.strerror}; another process may be using "
-            "the port (Nakama uses 7350 and 7351): choose others with --port and --admin-port",
+            f"the port (Nakama uses 7350 and 7351): {hint}",
         ) from exc
     sock.listen(2048)
     sock.setblocking(False)

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     """The EventRouter of the files to run, when they define several."""
     host: str = "127.0.0.1"
     port: int = Field(default=7350, ge=0, le=65535)
+    reuse_port: bool = False
+    """Sets SO_REUSEPORT on the ingestion socket, so several routers can share its port."""
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=7351, ge=0, le=65535)
     session_key: SecretStr | None = None

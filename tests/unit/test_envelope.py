@@ -304,3 +304,61 @@ def test_ulid_time_prefix_follows_clock(monkeypatch: pytest.MonkeyPatch) -> None
     assert decode_time_prefix(first) == 1_700_000_000_000
     assert decode_time_prefix(second) == 1_700_000_000_005
     assert first < second
+
+
+def test_ulids_consecutive_across_carries(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The random part starts 3 below a carry out of its low 40 bits, so the
+    # 2,000 ids cross both the 10-bit and the 40-bit boundaries.
+    start = (1 << 40) - 3
+    monkeypatch.setattr("eventrouter.envelope.os.urandom", lambda n: (start << 1).to_bytes(n))
+    ids = IdGenerator().next_ids(2000)
+    values = [decode_crockford(ulid) for ulid in ids]
+    assert values[0] & ((1 << 80) - 1) == start
+    assert values == list(range(values[0], values[0] + 2000))
+    assert all(len(ulid) == 26 for ulid in ids)
+
+
+# --- checks outside the one-pass decoder ----------------------------------------
+
+CONTROL_NAME = "name: must not contain control characters (U+0000 to U+001F or U+007F)"
+
+
+@pytest.mark.parametrize("name", [b"a\\n", b"a\\u0000b", b"\\u007f", b"a\\tb"])
+def test_name_control_characters_rejected(decoder: EventDecoder, name: bytes) -> None:
+    assert decode_error(decoder, b'{"name":"' + name + b'"}') == CONTROL_NAME
+
+
+def test_batch_control_name_by_index(decoder: EventDecoder) -> None:
+    events, errors = decoder.decode_batch(b'{"events":[{"name":"a"},{"name":"b\\n"}]}')
+    assert [e.name for e in events] == ["a"]
+    assert [e.index for e in errors] == [1]
+    assert errors[0].message == f"events[1].{CONTROL_NAME}"
+
+
+def test_batch_key_lengths_by_index(decoder: EventDecoder) -> None:
+    body = (
+        b'{"events":[{"name":"a","properties":{"k":"1"}},'
+        b'{"name":"b","properties":{"abcde":"1"}},'
+        b'{"name":"c","properties":{"":"1"}}]}'
+    )
+    events, errors = decoder.decode_batch(body)
+    assert [e.name for e in events] == ["a"]
+    assert [e.index for e in errors] == [1, 2]
+    assert errors[0].message == "events[1].properties: key expected `str` of length <= 4"
+    assert errors[1].message == "events[2].properties: key expected `str` of length >= 1"
+
+
+def test_key_valid_once_stays_checked(decoder: EventDecoder) -> None:
+    # The checked keys are cached; a later invalid key must still be rejected.
+    decoder.decode_one(b'{"name":"a","properties":{"abcd":"1"}}')
+    assert decode_error(decoder, b'{"name":"a","properties":{"abcde":"1"}}') == (
+        "properties: key expected `str` of length <= 4"
+    )
+
+
+def test_decoded_names_share_one_string(decoder: EventDecoder) -> None:
+    first, _ = decoder.decode_batch(b'{"events":[{"name":"level_up"},{"name":"level_up"}]}')
+    second = decoder.decode_one(b'{"name":"level_up"}')
+    assert first[0].name == "level_up"
+    assert first[0].name is first[1].name
+    assert second.name is first[0].name

@@ -227,3 +227,30 @@ def test_empty_table_matches_nothing() -> None:
     routes, sinks = RouteTable([]).targets(make_event("e"))
     assert routes == []
     assert sinks == []
+
+
+# --- targets shared by every event -----------------------------------------------
+
+
+def test_constant_targets_catch_all() -> None:
+    table = RouteTable([make_route("all", ["a", "b"]), make_route("copy", ["b", "c"], names=["*"])])
+    assert table.constant == (["all", "copy"], ["a", "b", "c"])
+    assert table.targets(make_event("anything")) == table.constant
+
+
+def test_constant_targets_no_routes() -> None:
+    assert RouteTable([]).constant == ([], [])
+
+
+@pytest.mark.parametrize(
+    "match",
+    [
+        {"names": ["purchase"]},
+        {"names": ["purchase_*"]},
+        {"external": True},
+        {"properties": [{"key": "platform", "exists": True}]},
+    ],
+)
+def test_constant_targets_unset_when_routes_filter(match: dict[str, Any]) -> None:
+    table = RouteTable([make_route("all", ["a"]), make_route("some", ["b"], **match)])
+    assert table.constant is None

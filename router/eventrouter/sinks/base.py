@@ -334,8 +334,12 @@ class SinkRunner:
                 return
             if spec.batch_wait > 0:
                 await self._linger(spec.batch_wait)
-            count = min(self._batch_size, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(count)]
+            if len(self._queue) <= self._batch_size:
+                batch = list(self._queue)
+                self._queue.clear()
+            else:
+                popleft = self._queue.popleft
+                batch = [popleft() for _ in range(self._batch_size)]
             self._pending = batch
             self._has_room.set()
             finished = await self._deliver(batch)
