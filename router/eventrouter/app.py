@@ -69,6 +69,7 @@ class IngestApp:
         self.authenticator = authenticator
         self.decoder = EventDecoder(config.router.spec.limits)
         self.max_body = config.router.spec.limits.max_request_bytes
+        self.block_timeout = config.router.spec.queue.block_timeout
         self.router_name = config.name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,11 +127,17 @@ class IngestApp:
                 )
             principal = self._authenticate(scope, authorization, api_key)
             body = await self._read_body(scope, receive)
-            self._reject_when_full(body, batch)
-            if batch:
-                status, payload = self._accept_batch(body, principal, context)
-            else:
-                status, payload = self._accept_one(body, principal, context)
+            granted = await self._make_room(body, batch)
+            try:
+                if batch:
+                    status, payload = self._accept_batch(body, principal, context, granted)
+                else:
+                    status, payload = self._accept_one(body, principal, context, granted)
+            except BaseException:
+                # The events never reached the buffer, so the room goes back.
+                if granted:
+                    self.engine.buffer.release(granted)
+                raise
         except IngestError as exc:
             extra = [(b"retry-after", b"1")] if exc.status in (429, 503) else None
             if span is not None:
@@ -215,30 +222,40 @@ class IngestApp:
             more = message.get("more_body", False)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _reject_when_full(self, body: bytes, batch: bool) -> None:
-        """Raise 503 under `reject` when the request's events do not fit, before decoding them.
+    async def _make_room(self, body: bytes, batch: bool) -> int:
+        """Apply `reject` and `block` before the events are decoded; return the room granted.
 
         Decoding and building envelopes cost most of a request, and an
         overloaded router needs its CPU to deliver what it holds, which frees
-        the room. A body that is not a valid batch goes on to the full decoder,
-        which reports the error.
+        the room. So under `reject` a request whose events do not fit gets 503
+        at once, and under `block` it waits for room first. A body that is not
+        a valid batch goes on to the full decoder, which reports the error.
         """
         buffer = self.engine.buffer
-        if buffer.overflow != "reject":
-            return
-        free = buffer.capacity - len(buffer)
-        if free >= (self.decoder.limits.max_batch_events if batch else 1):
-            return
+        if buffer.overflow not in ("reject", "block"):
+            return 0
         count = self.decoder.count_events(body) if batch else 1
-        if count is None or count <= free:
-            return
+        if count is None:
+            return 0
+        if buffer.overflow == "block":
+            try:
+                return await buffer.wait_for_room(count, self.block_timeout)
+            except Overloaded:
+                reason = f"no room in the router's buffer within {self.block_timeout:g} s"
+        elif count > buffer.free:
+            reason = "the router's buffer is full"
+        else:
+            return 0
+        if not self.accepting:
+            raise IngestError(
+                503, "shutting_down", "the router is shutting down; retry on another replica"
+            )
         self._received_http.inc(count)
         self.metrics.rejected.labels("overloaded").inc(count)
         raise IngestError(
             503,
             "overloaded",
-            f"the router's buffer is full, so {count} events were not accepted; "
-            "retry after 1 second",
+            f"{reason}, so {count} events were not accepted; retry after 1 second",
         )
 
     def _envelopes(
@@ -267,9 +284,9 @@ class IngestApp:
             for i, event in enumerate(events)
         ]
 
-    def _submit(self, envelopes: list[Envelope]) -> int:
+    def _submit(self, envelopes: list[Envelope], granted: int) -> int:
         try:
-            return self.engine.submit(envelopes)
+            return self.engine.submit(envelopes, granted=granted)
         except Overloaded:
             self.metrics.rejected.labels("overloaded").inc(len(envelopes))
             raise IngestError(
@@ -280,7 +297,7 @@ class IngestApp:
             ) from None
 
     def _accept_one(
-        self, body: bytes, principal: Principal, traceparent: str | None
+        self, body: bytes, principal: Principal, traceparent: str | None, granted: int
     ) -> tuple[int, bytes]:
         self._received_http.inc()
         try:
@@ -288,11 +305,11 @@ class IngestApp:
         except msgspec.DecodeError as exc:
             self.metrics.rejected.labels("invalid").inc()
             raise IngestError(400, "invalid_event", describe_decode_error(exc, "event")) from None
-        self._submit(self._envelopes([event], principal, traceparent))
+        self._submit(self._envelopes([event], principal, traceparent), granted)
         return 200, _EMPTY_OK
 
     def _accept_batch(
-        self, body: bytes, principal: Principal, traceparent: str | None
+        self, body: bytes, principal: Principal, traceparent: str | None, granted: int
     ) -> tuple[int, bytes]:
         try:
             events, errors = self.decoder.decode_batch(body)
@@ -309,7 +326,11 @@ class IngestApp:
         self._received_http.inc(len(events) + len(errors))
         if errors:
             self.metrics.rejected.labels("invalid").inc(len(errors))
-        dropped = self._submit(self._envelopes(events, principal, traceparent)) if events else 0
+        dropped = 0
+        if events:
+            dropped = self._submit(self._envelopes(events, principal, traceparent), granted)
+        elif granted:
+            self.engine.buffer.release(granted)
         payload = {
             "accepted": len(events),
             "rejected": len(errors),

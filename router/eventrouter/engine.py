@@ -39,8 +39,10 @@ class RingBuffer:
     """A bounded FIFO of accepted events with an overflow policy.
 
     `offer` never blocks: when the buffer is full, `dropNewest` drops the
-    incoming events, `dropOldest` evicts the oldest ones, and `reject` raises
-    `Overloaded` without taking any event of the request.
+    incoming events, `dropOldest` evicts the oldest ones, and `reject` and
+    `block` raise `Overloaded` without taking any event of the request. Under
+    `block`, HTTP requests first wait in `wait_for_room`, first come first
+    served, and offer what they were granted room for.
     """
 
     def __init__(self, capacity: int, overflow: str, metrics: Metrics) -> None:
@@ -51,8 +53,13 @@ class RingBuffer:
         self._closed = False
         self._metrics = metrics
         self._dropped = metrics.buffer_dropped.labels("buffer_full")
+        # Requests waiting for room under `block`, and the room granted to
+        # requests that have not offered their events yet.
+        self._room_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._granted = 0
         metrics.buffer_capacity.set_function(lambda: self.capacity)
         metrics.buffer_depth.set_function(lambda: len(self._items))
+        metrics.buffer_waiting.set_function(lambda: len(self._room_waiters))
 
     def __len__(self) -> int:
         return len(self._items)
@@ -61,17 +68,25 @@ class RingBuffer:
     def closed(self) -> bool:
         return self._closed
 
-    def offer(self, events: list[Envelope], *, force: bool = False) -> int:
+    @property
+    def free(self) -> int:
+        """Room for events that have not been granted it in `wait_for_room`."""
+        return self.capacity - len(self._items) - self._granted
+
+    def offer(self, events: list[Envelope], *, force: bool = False, granted: int = 0) -> int:
         """Add events; return how many the overflow policy dropped.
 
         `force` takes the events even beyond capacity. It is for session_end
         events, whose number is bounded by the number of open sessions.
+        `granted` is the room that `wait_for_room` gave the caller. It counts
+        as free for these events, and any of it they do not use is released.
+        When `offer` raises, the caller keeps it.
         """
-        free = self.capacity - len(self._items)
+        free = self.free + granted
         dropped = 0
         if force or len(events) <= free:
             self._items.extend(events)
-        elif self.overflow == "reject":
+        elif self.overflow in ("reject", "block"):
             raise Overloaded
         elif self.overflow == "dropNewest":
             taken = max(free, 0)
@@ -82,10 +97,73 @@ class RingBuffer:
             dropped = len(self._items) - self.capacity
             for _ in range(dropped):
                 self._items.popleft()
+        self._granted -= granted
         if dropped:
             self._dropped.inc(dropped)
+        if granted and self._room_waiters:
+            # Room granted for events that turned out invalid goes to the waiters.
+            self._grant()
         self._not_empty.set()
         return dropped
+
+    async def wait_for_room(self, count: int, timeout: float) -> int:
+        """Wait until `count` events fit; return `count`, the room now held for the caller.
+
+        Waiters are served in arrival order, so a large batch is not passed
+        over by smaller ones. Raises `Overloaded` after `timeout` seconds or
+        when the buffer closes. The caller must pass the result to `offer`
+        as `granted`, or to `release`.
+        """
+        if self._closed:
+            raise Overloaded
+        if not self._room_waiters and self.free >= count:
+            self._granted += count
+            return count
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (count, future)
+        self._room_waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            if _granted(future):
+                # Room was granted as the time ran out.
+                return count
+            self._forget(entry)
+            raise Overloaded from None
+        except Overloaded:
+            # `close` removed every waiter.
+            raise
+        except BaseException:
+            # Cancelled, as when the client goes away.
+            if _granted(future):
+                self.release(count)
+            else:
+                self._forget(entry)
+            raise
+        return count
+
+    def _forget(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        with contextlib.suppress(ValueError):
+            self._room_waiters.remove(entry)
+
+    def release(self, count: int) -> None:
+        """Give back room held for a request, and grant it to waiting ones."""
+        self._granted -= count
+        self._grant()
+
+    def _grant(self) -> None:
+        waiters = self._room_waiters
+        while waiters:
+            count, future = waiters[0]
+            if future.done():
+                waiters.popleft()
+                continue
+            if self.free < count:
+                return
+            waiters.popleft()
+            self._granted += count
+            future.set_result(None)
 
     async def take(self, limit: int) -> list[Envelope] | None:
         """Wait for events and return up to `limit` of them; None once closed and empty."""
@@ -97,18 +175,34 @@ class RingBuffer:
         if limit >= len(self._items):
             items = list(self._items)
             self._items.clear()
-            return items
-        popleft = self._items.popleft
-        return [popleft() for _ in range(limit)]
+        else:
+            popleft = self._items.popleft
+            items = [popleft() for _ in range(limit)]
+        if self._room_waiters:
+            self._grant()
+        return items
+
+    def resize(self, capacity: int, overflow: str) -> None:
+        self.capacity = capacity
+        self.overflow = overflow
+        self._grant()
 
     def close(self) -> None:
         self._closed = True
         self._not_empty.set()
+        while self._room_waiters:
+            _, future = self._room_waiters.popleft()
+            if not future.done():
+                future.set_exception(Overloaded())
 
     def clear(self) -> list[Envelope]:
         items = list(self._items)
         self._items.clear()
         return items
+
+
+def _granted(future: asyncio.Future[None]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 @dataclass(frozen=True)
@@ -221,12 +315,13 @@ class Engine:
 
     # --- intake ------------------------------------------------------------------
 
-    def submit(self, events: list[Envelope], *, force: bool = False) -> int:
+    def submit(self, events: list[Envelope], *, force: bool = False, granted: int = 0) -> int:
         """Put accepted events in the ring buffer; return how many overflow dropped.
 
-        Raises `Overloaded` when the policy is `reject` and the events do not fit.
+        Raises `Overloaded` when the policy is `reject` or `block` and the
+        events do not fit. `granted` is room from `RingBuffer.wait_for_room`.
         """
-        return self.buffer.offer(events, force=force)
+        return self.buffer.offer(events, force=force, granted=granted)
 
     # --- workers -----------------------------------------------------------------
 
@@ -309,8 +404,7 @@ class Engine:
             runners = await self._start_runners(config, old.runners)
             self._active = _Active(config, RouteTable(config.routes), runners)
             queue = config.router.spec.queue
-            self.buffer.capacity = queue.size
-            self.buffer.overflow = queue.overflow
+            self.buffer.resize(queue.size, queue.overflow)
             self._resize_workers(queue.workers)
 
             for name, runner in old.runners.items():

@@ -44,6 +44,11 @@ class Metrics:
         self.buffer_depth = Gauge(
             f"{_PREFIX}_buffer_depth", "Events waiting in the ring buffer.", registry=r
         )
+        self.buffer_waiting = Gauge(
+            f"{_PREFIX}_buffer_waiting_requests",
+            "HTTP requests waiting for room in the ring buffer under the block policy.",
+            registry=r,
+        )
         self.buffer_capacity = Gauge(
             f"{_PREFIX}_buffer_capacity", "Slots of the ring buffer.", registry=r
         )

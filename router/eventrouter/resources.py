@@ -178,7 +178,9 @@ class QueueSpec(_Model):
 
     size: Annotated[int, Field(ge=1, le=4_194_304)] = 65536
     workers: Annotated[int, Field(ge=1, le=256)] = 8
-    overflow: Literal["dropNewest", "dropOldest", "reject"] = "dropNewest"
+    overflow: Literal["dropNewest", "dropOldest", "reject", "block"] = "dropNewest"
+    block_timeout: Duration = 5.0
+    """Under `block`, how long an HTTP request may wait for room before it gets 503."""
 
 
 class AuthSpec(_Model):
@@ -260,11 +262,12 @@ class EventRouterSpec(_Model):
 
     model_config = _rules(
         (
-            "!has(self.queue) || !has(self.queue.overflow) || self.queue.overflow != 'reject'"
+            "!has(self.queue) || !has(self.queue.overflow)"
+            " || (self.queue.overflow != 'reject' && self.queue.overflow != 'block')"
             " || (has(self.queue.size) ? self.queue.size : 65536)"
             " >= (has(self.limits) && has(self.limits.maxBatchEvents)"
             " ? self.limits.maxBatchEvents : 500)",
-            "with overflow reject, queue.size must be at least limits.maxBatchEvents",
+            "with overflow reject or block, queue.size must be at least limits.maxBatchEvents",
         ),
     )
 
@@ -280,11 +283,13 @@ class EventRouterSpec(_Model):
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> EventRouterSpec:
-        # Under `reject` a batch is taken whole or not at all, so a batch larger
-        # than the buffer could never be accepted.
-        if self.queue.overflow == "reject" and self.queue.size < self.limits.max_batch_events:
+        # Under `reject` and `block` a batch is taken whole or not at all, so a
+        # batch larger than the buffer could never be accepted.
+        if self.queue.overflow in ("reject", "block") and (
+            self.queue.size < self.limits.max_batch_events
+        ):
             raise ValueError(
-                f"with overflow reject, queue.size ({self.queue.size}) must be at least "
+                f"with overflow reject or block, queue.size ({self.queue.size}) must be at least "
                 f"limits.maxBatchEvents ({self.limits.max_batch_events}); raise queue.size "
                 "or lower maxBatchEvents"
             )

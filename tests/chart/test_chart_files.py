@@ -10,14 +10,14 @@ import json
 import re
 import subprocess
 import sys
-from typing import Any
+from typing import Any, get_args
 
 import jsonschema
 import pytest
 import yaml
 from kopf._cogs.structs import references
 
-from eventrouter.resources import EventRoute, EventSink
+from eventrouter.resources import EventRoute, EventSink, QueueSpec
 from tests.chart.conftest import CHART
 from tests.conftest import REPO
 
@@ -148,11 +148,10 @@ def test_schema_enums_cover_defaults() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
 
     assert _schema_node(schema, "image.pullPolicy")["enum"] == ["Always", "IfNotPresent", "Never"]
-    assert _schema_node(schema, "defaultRouter.queue.overflow")["enum"] == [
-        "dropNewest",
-        "dropOldest",
-        "reject",
-    ]
+    # The chart offers every overflow policy the router accepts.
+    policies = list(get_args(QueueSpec.model_fields["overflow"].annotation))
+    assert _schema_node(schema, "defaultRouter.queue.overflow")["enum"] == policies
+    assert policies == ["dropNewest", "dropOldest", "reject", "block"]
     assert _schema_node(schema, "defaultRouter.logStream")["enum"] == ["stdout", "stderr"]
 
 

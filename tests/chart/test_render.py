@@ -442,6 +442,11 @@ FAIL_RULES = [
         "[ERROR] defaultRouter.queue.size is 100, but with overflow reject it must be at least 500",
     ),
     (
+        "block-with-small-queue",
+        {"defaultRouter": {"queue": {"overflow": "block", "size": 100}}},
+        "[ERROR] defaultRouter.queue.size is 100, but with overflow block it must be at least 500",
+    ),
+    (
         "service-account-without-name",
         {"serviceAccount": {"create": False}},
         "[ERROR] serviceAccount.create is false, so serviceAccount.name must name",

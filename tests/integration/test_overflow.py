@@ -13,6 +13,8 @@ known to be waiting), so that the expected numbers do not depend on timing.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,15 +86,16 @@ def blocked_router(
     """Start a router whose only sink is held back by a FIFO without a reader."""
     started: list[tuple[RouterProcess, BlockedFifo, httpx.Client]] = []
 
-    def start(policy: str) -> tuple[RouterProcess, BlockedFifo, Ledger]:
+    def start(policy: str, **queue: Any) -> tuple[RouterProcess, BlockedFifo, Ledger]:
         fifo = BlockedFifo(tmp_path / "events.fifo")
+        whole = policy in ("reject", "block")
         config = write_documents(
             tmp_path / "router.yaml",
             [
                 router_doc(
-                    queue={"size": BUFFER_SIZE, "workers": 1, "overflow": policy},
+                    queue={"size": BUFFER_SIZE, "workers": 1, "overflow": policy, **queue},
                     # A batch may be larger than the buffer under the drop policies.
-                    limits={"maxBatchEvents": 500 if policy != "reject" else BUFFER_SIZE},
+                    limits={"maxBatchEvents": BUFFER_SIZE if whole else 500},
                 ),
                 sink_doc(
                     SINK,
@@ -334,3 +337,100 @@ def test_reject_answers_503_when_full(blocked_router) -> None:
     assert ledger.send_batch(5).status_code == 200
     fifo.wait_for_lines(166, timeout=10)
     assert [int(e["properties"]["seq"]) for e in fifo.events()][-5:] == list(range(222, 227))
+
+
+def _fill_until_worker_waits(router: RouterProcess, ledger: Ledger) -> None:
+    """Block the sink, fill its queue, and leave the worker waiting for room with seq 60.
+
+    From then on nothing leaves the ring buffer until the sink is released.
+    """
+    assert ledger.send_batch(SINK_BATCH_SIZE).status_code == 200
+    _wait_first_batch_in_flight(router)
+    for reply in ledger.send_singles(SINK_QUEUE_SIZE):
+        assert reply.status_code == 200
+    assert ledger.send_one().status_code == 200
+    _wait_buffer_empty(router)
+    router.wait_for(
+        lambda: _sink_metric(router, "eventrouter_sink_events_total", outcome="matched") == 61,
+        timeout=10,
+        what="the worker to hand seq 60 to the sink",
+    )
+
+
+def _post_in_thread(
+    router: RouterProcess, path: str, body: dict[str, Any]
+) -> tuple[threading.Thread, list[httpx.Response]]:
+    replies: list[httpx.Response] = []
+
+    def post() -> None:
+        with httpx.Client(base_url=router.url, timeout=60) as client:
+            replies.append(client.post(path, json=body))
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread, replies
+
+
+def test_block_holds_requests_until_room(blocked_router) -> None:
+    router, fifo, ledger = blocked_router("block", blockTimeout="60s")
+    _fill_until_worker_waits(router, ledger)
+
+    # Seq 61-160 fill the ring buffer exactly.
+    assert ledger.send_batch(BUFFER_SIZE).json() == {"accepted": 100, "rejected": 0, "errors": []}
+    assert router.metric("eventrouter_buffer_depth") == BUFFER_SIZE
+
+    # Seq 161-190, then seq 191: both wait, in this order, for room.
+    batch_seqs = list(range(161, 191))
+    waiting_batch = _post_in_thread(
+        router, "/v2/events", {"events": [_event(seq) for seq in batch_seqs]}
+    )
+    router.wait_for(
+        lambda: router.metric("eventrouter_buffer_waiting_requests") == 1,
+        timeout=10,
+        what="the batch to wait for room",
+    )
+    waiting_single = _post_in_thread(router, "/v2/event", _event(191))
+    router.wait_for(
+        lambda: router.metric("eventrouter_buffer_waiting_requests") == 2,
+        timeout=10,
+        what="the single event to wait behind the batch",
+    )
+    # Neither is answered or counted while it waits.
+    assert waiting_batch[1] == []
+    assert waiting_single[1] == []
+    assert router.metric("eventrouter_events_received_total", transport="http") == 161
+
+    delivered = _release_and_read(router, fifo, 192)
+    for thread, _ in (waiting_batch, waiting_single):
+        thread.join(30)
+    assert waiting_batch[1][0].status_code == 200
+    assert waiting_batch[1][0].json() == {"accepted": 30, "rejected": 0, "errors": []}
+    assert waiting_single[1][0].status_code == 200
+
+    # Every event arrives once, the waiting requests in the order they came.
+    assert delivered == list(range(192))
+    assert router.metric("eventrouter_buffer_waiting_requests") == 0
+    assert router.metric("eventrouter_events_rejected_total", reason="overloaded") == 0
+    assert router.metric("eventrouter_sink_dropped_total", sink=SINK, reason="queue_full") == 0
+
+
+def test_block_timeout_answers_503(blocked_router) -> None:
+    router, fifo, ledger = blocked_router("block", blockTimeout="300ms")
+    _fill_until_worker_waits(router, ledger)
+    assert ledger.send_batch(BUFFER_SIZE).status_code == 200
+
+    # Seq 161-170: no room comes within 300 ms, so none of them is taken.
+    started = time.monotonic()
+    reply = ledger.send_batch(10)
+    waited = time.monotonic() - started
+    _assert_overloaded(reply)
+    assert "within 0.3 s" in reply.json()["message"]
+    assert waited >= 0.3
+    assert router.metric("eventrouter_buffer_waiting_requests") == 0
+    assert router.metric("eventrouter_buffer_depth") == BUFFER_SIZE
+
+    delivered = _release_and_read(router, fifo, 161)
+    assert delivered == list(range(161))
+    assert ledger.shed_by_503 == list(range(161, 171))
+    assert router.metric("eventrouter_events_rejected_total", reason="overloaded") == 10
+    assert router.metric("eventrouter_events_received_total", transport="http") == 171

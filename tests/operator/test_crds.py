@@ -123,14 +123,21 @@ INVALID = [
         "EventRouter",
         {"queue": {"size": 100, "overflow": "reject"}, "limits": {"maxBatchEvents": 500}},
         "spec",
-        "with overflow reject, queue.size must be at least limits.maxBatchEvents",
+        "with overflow reject or block, queue.size must be at least limits.maxBatchEvents",
+    ),
+    (
+        "block-queue-below-batch",
+        "EventRouter",
+        {"queue": {"size": 100, "overflow": "block"}, "limits": {"maxBatchEvents": 500}},
+        "spec",
+        "with overflow reject or block, queue.size must be at least limits.maxBatchEvents",
     ),
     (
         "reject-queue-below-default-batch",
         "EventRouter",
         {"queue": {"size": 499, "overflow": "reject"}},
         "spec",
-        "with overflow reject, queue.size must be at least limits.maxBatchEvents",
+        "with overflow reject or block, queue.size must be at least limits.maxBatchEvents",
     ),
     (
         "kafka-idempotence-acks-1",

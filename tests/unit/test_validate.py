@@ -164,7 +164,7 @@ BROKEN_CASES = [
         [router_doc(queue={"overflow": "dropAll"}), *VALID[1:]],
         0,
         "spec.queue.overflow",
-        "'dropNewest', 'dropOldest' or 'reject' (got 'dropAll')",
+        "'dropNewest', 'dropOldest', 'reject' or 'block' (got 'dropAll')",
     ),
     BrokenCase(
         "zero-queue-size",
