@@ -3,7 +3,10 @@
 Starts one Kafka broker in KRaft mode with `KafkaBroker` from
 tests/kafka/broker.py, then alternates, for a few rounds, between:
 - raw: one Python process producing events with AIOKafkaProducer as fast as it
-  can and awaiting every acknowledgement (bench/peers/raw_aiokafka.py);
+  can and awaiting every acknowledgement, one `send` call per event
+  (bench/peers/raw_aiokafka.py);
+- raw-batch: the same process filling record batches with `create_batch` and
+  queueing each with `send_batch`, the API the router's Kafka sink uses;
 - naive: uvicorn with httptools and uvloop serving a raw ASGI app that awaits
   `send_and_wait` for each event before it responds (bench/peers/naive_asgi.py);
 - camel: an Apache Camel 4.22 route on the JVM, from platform-http (Vert.x) to
@@ -13,10 +16,11 @@ tests/kafka/broker.py, then alternates, for a few rounds, between:
 - camel-parallel: the same route with the splitter's parallelProcessing on, so
   it sends a request's events concurrently and still responds once Kafka has
   acknowledged every event;
-- router: `eventrouter serve` with one catch-all route to a Kafka sink.
+- router: `eventrouter serve` with one catch-all route to a Kafka sink and the
+  `block` overflow policy.
 
 Every producer uses acks all, idempotence and a linger of 5 ms, and each of the
-five writes to its own topic with one partition. The servers and the raw
+six writes to its own topic with one partition. The servers and the raw
 producer are pinned to CPU 0 and wrk to CPU 1. The broker JVM is not pinned, so
 it shares both CPUs with them. wrk posts batches of 50 events of about
 200 bytes (bench/payloads.py). For the router and Camel the script also
@@ -64,6 +68,7 @@ PYTHON = sys.executable
 KAFKA_VERSION = "4.4.0"
 TOPICS = {
     "raw": "bench-raw",
+    "raw-batch": "bench-raw-batch",
     "naive": "bench-naive",
     "camel": "bench-camel",
     "camel-parallel": "bench-camel-parallel",
@@ -80,10 +85,14 @@ CAMEL_START_TIMEOUT = 60.0
 # peer rose from about half the final rate to within 10% of it after 20 s.
 CAMEL_WARMUP_SECONDS = 20
 
+# `overflow: block` makes the router hold requests while its buffer is full
+# instead of dropping events (the default, dropNewest) or answering 503
+# (reject), so wrk's unlimited load measures the rate the router sustains.
 ROUTER_CONFIG = """\
 apiVersion: eventrouter.io/v1alpha1
 kind: EventRouter
 metadata: {{name: bench}}
+spec: {{queue: {{overflow: block}}}}
 ---
 apiVersion: eventrouter.io/v1alpha1
 kind: EventSink
@@ -234,10 +243,11 @@ def wait_until_quiet(offsets: EndOffsets, topic: str) -> tuple[int, float]:
     return last, last_change - start
 
 
-def measure_raw(bootstrap: str, seconds: int) -> dict[str, float]:
+def measure_raw(bootstrap: str, seconds: int, api: str = "send") -> dict[str, float]:
+    topic = TOPICS["raw" if api == "send" else "raw-batch"]
     command = [
         "taskset", "-c", "0", PYTHON, str(HERE / "peers" / "raw_aiokafka.py"),
-        "--bootstrap", bootstrap, "--topic", TOPICS["raw"], "--seconds", str(seconds),
+        "--bootstrap", bootstrap, "--topic", topic, "--seconds", str(seconds), "--api", api,
     ]  # fmt: skip
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result: dict[str, float] = json.loads(output)
@@ -362,7 +372,7 @@ def load_average() -> str:
 def run_rounds(
     broker: KafkaBroker, camel_libs: Path, rounds: int, seconds: int
 ) -> dict[str, list[dict[str, float]]]:
-    order = ["raw", "naive", "camel", "camel-parallel", "router"]
+    order = ["raw", "raw-batch", "naive", "camel", "camel-parallel", "router"]
     results: dict[str, list[dict[str, float]]] = {kind: [] for kind in order}
     offsets = EndOffsets(broker.bootstrap)
     try:
@@ -379,6 +389,8 @@ def run_rounds(
                 for kind in order[shift:] + order[:shift]:
                     if kind == "raw":
                         figures = measure_raw(broker.bootstrap, seconds)
+                    elif kind == "raw-batch":
+                        figures = measure_raw(broker.bootstrap, seconds, api="batch")
                     elif kind == "naive":
                         figures = measure_naive(broker.bootstrap, body, seconds)
                     elif kind == "camel":
@@ -400,6 +412,7 @@ def run_rounds(
 
 def report(results: dict[str, list[dict[str, float]]]) -> None:
     raw = statistics.median(r["events_per_s"] for r in results["raw"])
+    raw_batch = statistics.median(r["events_per_s"] for r in results["raw-batch"])
     naive = statistics.median(r["events_per_s"] for r in results["naive"])
     camel = statistics.median(r["events_per_s"] for r in results["camel"])
     camel_parallel = statistics.median(r["events_per_s"] for r in results["camel-parallel"])
@@ -409,6 +422,10 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     print("|---|---:|")
     rows = (
         ("raw aiokafka producer", [r["events_per_s"] for r in results["raw"]]),
+        (
+            "raw aiokafka producer, batch API (create_batch, send_batch)",
+            [r["events_per_s"] for r in results["raw-batch"]],
+        ),
         (
             "naive peer (uvicorn, send_and_wait per event)",
             [r["events_per_s"] for r in results["naive"]],
@@ -431,6 +448,7 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
         )
     print()
     print(f"router (delivered) / raw aiokafka: {router / raw:.2f}")
+    print(f"router (delivered) / raw aiokafka, batch API: {router / raw_batch:.2f}")
     print(f"router (delivered) / naive peer: {router / naive:.2f}")
     print(f"router (delivered) / Camel: {router / camel:.2f}")
     print(f"router (delivered) / Camel parallel: {router / camel_parallel:.2f}")
