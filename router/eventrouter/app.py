@@ -193,6 +193,15 @@ class IngestApp:
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.max_body
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise IngestError(400, "invalid_request", "client disconnected before sending the body")
+        first: bytes = message.get("body", b"")
+        if not message.get("more_body", False) and len(first) <= limit:
+            # The whole body arrived in one message, the usual case.
+            return first
+        # A body in several parts: a declared length over the limit is rejected
+        # before the rest is read.
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -208,7 +217,8 @@ class IngestApp:
         size = 0
         more = True
         while more:
-            message = await receive()
+            if chunks:
+                message = await receive()
             if message["type"] == "http.disconnect":
                 raise IngestError(
                     400, "invalid_request", "client disconnected before sending the body"

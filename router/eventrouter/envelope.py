@@ -86,30 +86,46 @@ class IdGenerator:
         self._prefix = ""
 
     def next_ids(self, count: int) -> list[str]:
+        if count == 1:
+            return [self.next_id()]
         with self._lock:
-            now_ms = time.time_ns() // 1_000_000
-            if now_ms > self._last_ms:
-                self._last_ms = now_ms
-                # One bit of headroom so that increments never carry into the time.
-                self._random = int.from_bytes(os.urandom(10), "big") >> 1
-            value = (self._last_ms << 80) | self._random
-            self._random += count
-            # Consecutive ids differ only in their last two digits (the low 10
-            # bits) until those carry over, so the 24 digits before them are
-            # encoded once per block of 1,024 values and reused across calls.
+            value = self._advance(count)
             pairs = _PAIRS
             ids: list[str] = []
             end = value + count
             while value < end:
                 block = value >> 10
-                if block != self._block:
-                    self._block = block
-                    self._prefix = _encode_prefix(block)
-                prefix = self._prefix
+                prefix = self._prefix_of(block)
                 block_end = min(end, (block + 1) << 10)
                 ids += [prefix + pairs[v & 0x3FF] for v in range(value, block_end)]
                 value = block_end
         return ids
+
+    def next_id(self) -> str:
+        """Return one new id, as `next_ids(1)` does, at less cost."""
+        with self._lock:
+            value = self._advance(1)
+            return self._prefix_of(value >> 10) + _PAIRS[value & 0x3FF]
+
+    def _advance(self, count: int) -> int:
+        """Take `count` consecutive values and return the first; call with the lock held."""
+        now_ms = time.time_ns() // 1_000_000
+        if now_ms > self._last_ms:
+            self._last_ms = now_ms
+            # One bit of headroom so that increments never carry into the time.
+            self._random = int.from_bytes(os.urandom(10), "big") >> 1
+        value = (self._last_ms << 80) | self._random
+        self._random += count
+        return value
+
+    def _prefix_of(self, block: int) -> str:
+        # Consecutive ids differ only in their last two digits (the low 10 bits)
+        # until those carry over, so the 24 digits before them are encoded once
+        # per block of 1,024 values and reused across calls.
+        if block != self._block:
+            self._block = block
+            self._prefix = _encode_prefix(block)
+        return self._prefix
 
 
 def _encode_prefix(block: int) -> str:

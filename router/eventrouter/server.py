@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -319,6 +320,10 @@ class Router:
                 return 1
             await asyncio.sleep(0.01)
 
+        # The modules, config and servers live as long as the process. Freezing
+        # them keeps the garbage collector's full collections, which pause
+        # the event loop, from walking them again and again.
+        gc.freeze()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)

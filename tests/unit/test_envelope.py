@@ -362,3 +362,11 @@ def test_decoded_names_share_one_string(decoder: EventDecoder) -> None:
     assert first[0].name == "level_up"
     assert first[0].name is first[1].name
     assert second.name is first[0].name
+
+
+def test_next_id_continues_next_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("eventrouter.envelope.time.time_ns", lambda: 1_700_000_000_000_000_000)
+    generator = IdGenerator()
+    ids = [generator.next_id(), *generator.next_ids(3), generator.next_id()]
+    values = [decode_crockford(ulid) for ulid in ids]
+    assert values == list(range(values[0], values[0] + 5))
