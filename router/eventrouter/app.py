@@ -244,6 +244,10 @@ class IngestApp:
         buffer = self.engine.buffer
         if buffer.overflow not in ("reject", "block"):
             return 0
+        most = self.decoder.limits.max_batch_events if batch else 1
+        if buffer.free >= most and not buffer.waiting:
+            # Any valid request fits, and nothing awaits before `offer` takes it.
+            return 0
         count = self.decoder.count_events(body) if batch else 1
         if count is None:
             return 0

@@ -59,7 +59,7 @@ class RingBuffer:
         self._granted = 0
         metrics.buffer_capacity.set_function(lambda: self.capacity)
         metrics.buffer_depth.set_function(lambda: len(self._items))
-        metrics.buffer_waiting.set_function(lambda: len(self._room_waiters))
+        metrics.buffer_waiting.set_function(lambda: self.waiting)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -67,6 +67,11 @@ class RingBuffer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def waiting(self) -> int:
+        """HTTP requests waiting for room under `block`."""
+        return len(self._room_waiters)
 
     @property
     def free(self) -> int:

@@ -51,6 +51,7 @@ _MAX_TOPIC = 249
 # larger record fails on its own without being sent.
 _MAX_REQUEST_BYTES = 1_048_576
 _PARTITION_CACHE_SIZE = 65_536
+_TOPIC_CACHE_SIZE = 4096
 # Seconds to wait for each step of abandoning a producer.
 _ABANDON_TIMEOUT = 5.0
 
@@ -118,6 +119,8 @@ class KafkaSink:
         self._abandoning: set[asyncio.Task[None]] = set()
         self._next_sticky = -1
         self._partition_cache: dict[tuple[bytes, int], int] = {}
+        # Template results mapped to valid topic names.
+        self._topics: dict[str, str] = {}
 
     def abort(self) -> None:
         # `send` is cancellable, so the runner cancels it instead.
@@ -221,8 +224,14 @@ class KafkaSink:
         return producer
 
     def _topic_for(self, event: Envelope) -> str:
-        topic = _TOPIC_INVALID.sub("_", self._topic(event))[:_MAX_TOPIC]
-        return topic or "_"
+        text = self._topic(event)
+        topic = self._topics.get(text)
+        if topic is None:
+            if len(self._topics) >= _TOPIC_CACHE_SIZE:
+                self._topics.clear()
+            topic = _TOPIC_INVALID.sub("_", text)[:_MAX_TOPIC] or "_"
+            self._topics[text] = topic
+        return topic
 
     def _headers_for(self, event: Envelope) -> list[tuple[str, bytes]]:
         headers = [
