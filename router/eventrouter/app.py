@@ -8,6 +8,8 @@ number accepted and one error per invalid event. Errors are JSON objects with
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
@@ -127,7 +129,7 @@ class IngestApp:
                 )
             principal = self._authenticate(scope, authorization, api_key)
             body = await self._read_body(scope, receive)
-            granted = await self._make_room(body, batch)
+            granted = await self._make_room(body, batch, receive)
             try:
                 if batch:
                     status, payload = self._accept_batch(body, principal, context, granted)
@@ -232,7 +234,7 @@ class IngestApp:
             more = message.get("more_body", False)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _make_room(self, body: bytes, batch: bool) -> int:
+    async def _make_room(self, body: bytes, batch: bool, receive: Receive) -> int:
         """Apply `reject` and `block` before the events are decoded; return the room granted.
 
         Decoding and building envelopes cost most of a request, and an
@@ -253,7 +255,7 @@ class IngestApp:
             return 0
         if buffer.overflow == "block":
             try:
-                return await buffer.wait_for_room(count, self.block_timeout)
+                return await self._wait_for_room(count, receive)
             except Overloaded:
                 reason = f"no room in the router's buffer within {self.block_timeout:g} s"
         elif count > buffer.free:
@@ -269,8 +271,33 @@ class IngestApp:
         raise IngestError(
             503,
             "overloaded",
-            f"{reason}, so {count} events were not accepted; retry after 1 second",
+            f"{reason}, so {_events_were(count)} not accepted; retry after 1 second",
         )
+
+    async def _wait_for_room(self, count: int, receive: Receive) -> int:
+        """Wait for room under `block`, and stop waiting when the client disconnects.
+
+        The server does not cancel a request whose client went away, so the
+        request watches for `http.disconnect` itself. Otherwise it would keep
+        its place in the line and its events would be taken, and the client,
+        which never got a reply, might send them again.
+        """
+        buffer = self.engine.buffer
+        room = asyncio.ensure_future(buffer.wait_for_room(count, self.block_timeout))
+        gone = asyncio.ensure_future(receive())
+        try:
+            await asyncio.wait((room, gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            room.cancel()
+            raise
+        finally:
+            gone.cancel()
+        if room.done():
+            return room.result()
+        room.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Overloaded):
+            await room
+        raise IngestError(400, "invalid_request", "client disconnected while waiting for room")
 
     def _envelopes(
         self, events: list[Any], principal: Principal, traceparent: str | None
@@ -306,7 +333,7 @@ class IngestApp:
             raise IngestError(
                 503,
                 "overloaded",
-                f"the router's buffer is full, so {len(envelopes)} events were not accepted; "
+                f"the router's buffer is full, so {_events_were(len(envelopes))} not accepted; "
                 "retry after 1 second",
             ) from None
 
@@ -385,6 +412,10 @@ def _end_span(span: Span, status: int, error: str | None) -> None:
     if status >= 500:
         span.set_status(StatusCode.ERROR, error)
     span.end()
+
+
+def _events_were(count: int) -> str:
+    return "1 event was" if count == 1 else f"{count} events were"
 
 
 def _too_large(limit: int, size: int) -> str:

@@ -151,6 +151,15 @@ class RingBuffer:
     def _forget(self, entry: tuple[int, asyncio.Future[None]]) -> None:
         with contextlib.suppress(ValueError):
             self._room_waiters.remove(entry)
+        # The waiters behind it may fit in the room it was waiting for.
+        self._grant()
+
+    def stop_waiting(self) -> None:
+        """Fail every request waiting for room with `Overloaded`, as at shutdown."""
+        while self._room_waiters:
+            _, future = self._room_waiters.popleft()
+            if not future.done():
+                future.set_exception(Overloaded())
 
     def release(self, count: int) -> None:
         """Give back room held for a request, and grant it to waiting ones."""
@@ -195,10 +204,7 @@ class RingBuffer:
     def close(self) -> None:
         self._closed = True
         self._not_empty.set()
-        while self._room_waiters:
-            _, future = self._room_waiters.popleft()
-            if not future.done():
-                future.set_exception(Overloaded())
+        self.stop_waiting()
 
     def clear(self) -> list[Envelope]:
         items = list(self._items)

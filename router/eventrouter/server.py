@@ -356,6 +356,9 @@ class Router:
         if watcher is not None:
             watcher.cancel()
         self.app.accepting = False
+        # Requests waiting for room under `block` get 503 shutting_down now,
+        # not when the server's graceful shutdown gives up on them.
+        self.engine.buffer.stop_waiting()
         # Sessions close first, so that their session_end events are in the
         # buffer before the drain starts.
         await self.app.sessions.close_all(timeout=min(5.0, settings.grace_period))
@@ -364,7 +367,8 @@ class Router:
         await self.engine.drain()
         # Counted from the metrics, so that events cut off anywhere (ring buffer,
         # a worker waiting for room, a sink) are all included.
-        lost = round(_shutdown_drops(self.metrics))
+        buffer_lost, sinks_lost = _shutdown_drops(self.metrics)
+        lost = round(buffer_lost + sinks_lost)
         admin.should_exit = True
         await admin_task
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -372,20 +376,24 @@ class Router:
         self.tracing.shutdown()
         totals = _outcome_totals(self.metrics)
         summary = (
-            f"delivered {totals['delivered']:.0f}, dead-lettered {totals['dead_lettered']:.0f}, "
-            f"dropped {totals['dropped']:.0f} by sinks and {totals['buffer_dropped']:.0f} by "
-            "the ring buffer over the run"
+            f"over the run, counted once per sink: delivered {totals['delivered']:.0f}, "
+            f"dead-lettered {totals['dead_lettered']:.0f}, dropped {totals['dropped']:.0f}; "
+            f"dropped by the ring buffer {totals['buffer_dropped']:.0f}"
         )
         if lost:
             logger.error(
-                "router stopped; %d accepted events were not delivered at shutdown; %s",
+                "router stopped; %d deliveries were not made at shutdown "
+                "(%d events left in the ring buffer, %d left for sinks); %s",
                 lost,
+                buffer_lost,
+                sinks_lost,
                 summary,
                 extra=totals,
             )
-        elif totals["dropped"] or totals["buffer_dropped"]:
+        elif totals["dropped"] or totals["buffer_dropped"] or totals["dead_lettered"]:
             logger.warning(
-                "router stopped; nothing was left at shutdown, but events were dropped: %s",
+                "router stopped; nothing was left at shutdown, but some events were "
+                "dead-lettered or dropped: %s",
                 summary,
                 extra=totals,
             )
@@ -410,16 +418,18 @@ def _outcome_totals(metrics: Metrics) -> dict[str, float]:
     return totals
 
 
-def _shutdown_drops(metrics: Metrics) -> float:
-    total = 0.0
+def _shutdown_drops(metrics: Metrics) -> tuple[float, float]:
+    """Events the ring buffer dropped at shutdown, and those the sinks dropped, once per sink."""
+    buffer = sinks = 0.0
     for family in metrics.registry.collect():
         for sample in family.samples:
-            if sample.labels.get("reason") == "shutdown" and sample.name in (
-                "eventrouter_buffer_dropped_total",
-                "eventrouter_sink_dropped_total",
-            ):
-                total += sample.value
-    return total
+            if sample.labels.get("reason") != "shutdown":
+                continue
+            if sample.name == "eventrouter_buffer_dropped_total":
+                buffer += sample.value
+            elif sample.name == "eventrouter_sink_dropped_total":
+                sinks += sample.value
+    return buffer, sinks
 
 
 def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -440,7 +450,8 @@ def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
         hint = (
             "every router on this port needs --reuse-port"
             if reuse_port
-            else "choose others with --port and --admin-port"
+            else "choose others with --port and --admin-port, or start every router that "
+            "shares the port with --reuse-port"
         )
         raise OSError(
             exc.errno,

@@ -88,6 +88,8 @@ class SessionManager:
         self._closed = metrics.sessions_closed
         self._refused = metrics.sessions_refused
         self._received = metrics.received.labels("websocket")
+        # session_start and session_end, which the router makes itself.
+        self._received_lifecycle = metrics.received.labels("session")
         self._rejected = metrics.rejected
         self._active.set_function(lambda: len(self._sessions))
 
@@ -154,6 +156,7 @@ class SessionManager:
             session = self._open(scope, principal, send, spec.max_events_per_second)
         except Overloaded:
             self._refused.labels("overloaded").inc()
+            self._rejected.labels("overloaded").inc()
             self._denied.log(
                 logging.WARNING,
                 "ws-overloaded",
@@ -208,6 +211,7 @@ class SessionManager:
             properties["token_id"] = principal.session_id
         # Emitted before the session is registered: under the `reject` policy a
         # full buffer raises Overloaded here, and the session never opens.
+        self._received_lifecycle.inc()
         self._emit(session, "session_start", properties, force=False)
         self._sessions[session_id] = session
         if principal.user_id:
@@ -349,6 +353,7 @@ class SessionManager:
         self._closed.labels(reason).inc()
         # session_end is never shed by the overflow policy: there is at most one
         # per open session, and without it the start would have no end.
+        self._received_lifecycle.inc()
         self._emit(
             session,
             "session_end",

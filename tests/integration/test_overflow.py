@@ -13,6 +13,9 @@ known to be waiting), so that the expected numbers do not depend on timing.
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -434,3 +437,58 @@ def test_block_timeout_answers_503(blocked_router) -> None:
     assert ledger.shed_by_503 == list(range(161, 171))
     assert router.metric("eventrouter_events_rejected_total", reason="overloaded") == 10
     assert router.metric("eventrouter_events_received_total", transport="http") == 171
+
+
+def test_block_disconnected_client_leaves_line(blocked_router) -> None:
+    router, fifo, ledger = blocked_router("block", blockTimeout="60s")
+    _fill_until_worker_waits(router, ledger)
+    assert ledger.send_batch(BUFFER_SIZE).status_code == 200
+
+    # A client sends seq 161, waits for room, then goes away without a reply.
+    body = json.dumps(_event(161)).encode()
+    request = (
+        f"POST /v2/event HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", router.port)) as client:
+        client.sendall(request)
+        router.wait_for(
+            lambda: router.metric("eventrouter_buffer_waiting_requests") == 1,
+            timeout=10,
+            what="the request to wait for room",
+        )
+    router.wait_for(
+        lambda: router.metric("eventrouter_buffer_waiting_requests") == 0,
+        timeout=10,
+        what="the router to notice the disconnect",
+    )
+
+    # Its event is neither taken nor counted, and it holds no room.
+    delivered = _release_and_read(router, fifo, 161)
+    assert delivered == list(range(161))
+    assert router.metric("eventrouter_events_received_total", transport="http") == 161
+    assert ledger.send_batch(BUFFER_SIZE).status_code == 200
+
+
+def test_block_sigterm_answers_shutting_down(blocked_router) -> None:
+    router, _fifo, ledger = blocked_router("block", blockTimeout="60s")
+    _fill_until_worker_waits(router, ledger)
+    assert ledger.send_batch(BUFFER_SIZE).status_code == 200
+    thread, replies = _post_in_thread(router, "/v2/event", _event(161))
+    router.wait_for(
+        lambda: router.metric("eventrouter_buffer_waiting_requests") == 1,
+        timeout=10,
+        what="the request to wait for room",
+    )
+
+    started = time.monotonic()
+    router.process.send_signal(signal.SIGTERM)
+    thread.join(10)
+    answered = time.monotonic() - started
+
+    assert replies[0].status_code == 503
+    assert replies[0].json()["error"] == "shutting_down"
+    assert answered < 3.0
+    assert router.terminate(30) == 0
+    tracebacks = [line for line in router.logs() if "Traceback" in str(line)]
+    assert tracebacks == []

@@ -139,3 +139,27 @@ async def test_larger_capacity_grants_waiters() -> None:
     ring.resize(20, "block")
     assert await task == 3
     assert ring.free == 7
+
+
+async def test_timed_out_head_lets_others_in() -> None:
+    ring = buffer()
+    ring.offer(events(5))
+    # The first waiter needs more than the 5 free slots; the second fits.
+    first = asyncio.create_task(ring.wait_for_room(10, 0.05))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(ring.wait_for_room(1, 5.0))
+    with pytest.raises(Overloaded):
+        await first
+    assert await asyncio.wait_for(second, 1.0) == 1
+
+
+async def test_stop_waiting_fails_waiters_only() -> None:
+    ring = buffer()
+    ring.offer(events(10))
+    task = asyncio.create_task(ring.wait_for_room(1, 5.0))
+    await asyncio.sleep(0)
+    ring.stop_waiting()
+    with pytest.raises(Overloaded):
+        await task
+    assert ring.waiting == 0
+    assert not ring.closed

@@ -511,6 +511,32 @@ async def test_overflow_reject_waits(harness: Harness) -> None:
     assert harness.accounted("primary") == 7
 
 
+@pytest.mark.parametrize("overflow", ["reject", "block"])
+async def test_waiting_puts_keep_their_order(harness: Harness, overflow: str) -> None:
+    runner = harness.runner(FakeSink(), make_spec(queue_size=3), overflow=overflow)
+    first, later = make_events(5, "a"), make_events(1, "b")
+    put_first = asyncio.create_task(runner.put(first))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert ids(list(runner._queue)) == ids(first[:3])
+
+    # A put that is ready to run when room opens must not pass the events that
+    # `first` still waits to queue, even though it would fit.
+    put_later = asyncio.create_task(runner.put(later))
+    taken = [runner._queue.popleft(), runner._queue.popleft()]
+    runner._has_room.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert put_first.done()
+    assert ids(list(runner._queue)) == ids(first[2:])
+
+    runner._queue.popleft()
+    runner._has_room.set()
+    await asyncio.wait_for(put_later, 2)
+    assert ids(taken) == ids(first[:2])
+    assert ids(list(runner._queue)) == ids(first[3:] + later)
+
+
 async def test_reject_cancelled_counts_shutdown(harness: Harness) -> None:
     runner = harness.runner(FakeSink(), make_spec(queue_size=3), overflow="reject")
     put = asyncio.create_task(runner.put(make_events(5)))

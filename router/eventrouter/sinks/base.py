@@ -130,6 +130,7 @@ class SinkRunner:
         self._has_items = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
+        self._put_lock = asyncio.Lock()
         self._interrupt = asyncio.Event()
         self._closing = False
         self._handing_over = False
@@ -263,7 +264,7 @@ class SinkRunner:
             await self._successor._enqueue(events)
             return
         free = self._capacity - len(self._queue)
-        if len(events) <= free:
+        if len(events) <= free and not self._put_lock.locked():
             self._queue.extend(events)
         elif self.overflow == "dropNewest":
             self._queue.extend(events[: max(free, 0)])
@@ -282,25 +283,29 @@ class SinkRunner:
         start = 0
         self._waiting += len(events)
         try:
-            while start < len(events):
-                if self._successor is not None:
-                    # The successor counts these from here on, even if it is cancelled.
-                    rest = events[start:]
-                    self._waiting -= len(rest)
-                    start = len(events)
-                    await self._successor._enqueue(rest)
-                    return
-                free = self._capacity - len(self._queue)
-                if free <= 0:
-                    self._has_room.clear()
+            # Puts fill the queue one at a time, in the order they came, because
+            # asyncio.Lock serves waiters first come, first served. So a later
+            # batch never passes the rest of an earlier one, which keeps order.
+            async with self._put_lock:
+                while start < len(events):
+                    if self._successor is not None:
+                        # The successor counts these from here on, even if it is cancelled.
+                        rest = events[start:]
+                        self._waiting -= len(rest)
+                        start = len(events)
+                        await self._successor._enqueue(rest)
+                        return
+                    free = self._capacity - len(self._queue)
+                    if free <= 0:
+                        self._has_room.clear()
+                        self._has_items.set()
+                        await self._has_room.wait()
+                        continue
+                    chunk = events[start : start + free]
+                    self._queue.extend(chunk)
+                    self._waiting -= len(chunk)
+                    start += len(chunk)
                     self._has_items.set()
-                    await self._has_room.wait()
-                    continue
-                chunk = events[start : start + free]
-                self._queue.extend(chunk)
-                self._waiting -= len(chunk)
-                start += len(chunk)
-                self._has_items.set()
         except asyncio.CancelledError:
             # Shutdown cancelled the worker while it waited for room.
             self._waiting -= len(events) - start

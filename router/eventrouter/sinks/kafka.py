@@ -410,7 +410,10 @@ def _is_permanent(exc: BaseException) -> bool:
 def _delivery_error(
     exc: BaseException, failed: list[int] | None
 ) -> RetryableDeliveryError | PermanentDeliveryError:
-    message = f"{type(exc).__name__}: {exc}"
+    text = str(exc)
+    # aiokafka's errors already start with their class name, as in
+    # "[Error 10] MessageSizeTooLargeError: ...".
+    message = text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
     if _is_permanent(exc):
         return PermanentDeliveryError(message, failed=failed)
     return RetryableDeliveryError(message, failed=failed)
