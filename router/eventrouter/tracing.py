@@ -19,7 +19,8 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 from opentelemetry import trace
@@ -35,9 +36,12 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
 from eventrouter import __version__
+from eventrouter.envelope import Envelope
 from eventrouter.resources import TracingSpec
 
 __all__ = ["MAX_LINKS", "Tracing", "parse_traceparent"]
+
+_TRACEPARENT_OF = attrgetter("traceparent")
 
 logger = logging.getLogger(__name__)
 
@@ -165,31 +169,30 @@ class Tracing:
         )
         return span, format_traceparent(span.get_span_context())
 
-    def start_delivery(
-        self,
-        name: str,
-        kind: SpanKind,
-        traceparents: Iterable[str | None],
-        attributes: dict[str, Any],
-    ) -> trace.Span | None:
-        """A span for one delivery attempt, linked to the sampled events it carries.
+    def sampled_links(self, events: Sequence[Envelope]) -> list[Link]:
+        """Links to the distinct sampled traces that the events carry, at most MAX_LINKS.
 
-        Returns None when no event of the batch was sampled.
+        The scan runs in C (map with attrgetter, dict.fromkeys keeping the
+        first order), because most batches carry no sampled event.
         """
         if self.tracer is None:
-            return None
+            return []
         links: list[Link] = []
-        seen: set[str] = set()
-        for value in traceparents:
-            if value is None or not value.endswith("-01") or value in seen:
+        for value in dict.fromkeys(map(_TRACEPARENT_OF, events)):
+            if value is None or not value.endswith("-01"):
                 continue
-            seen.add(value)
             context = parse_traceparent(value)
             if context is not None:
                 links.append(Link(context))
                 if len(links) >= MAX_LINKS:
                     break
-        if not links:
+        return links
+
+    def start_delivery(
+        self, name: str, kind: SpanKind, links: list[Link], attributes: dict[str, Any]
+    ) -> trace.Span | None:
+        """A span for one delivery attempt, linked to sampled events; None without links."""
+        if self.tracer is None or not links:
             return None
         return self.tracer.start_span(
             name,

@@ -393,7 +393,7 @@ async def test_server_error_sets_status(tmp_path: Path) -> None:
 
 
 async def test_unexpected_error_ends_span(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(events: list[Any], *, force: bool = False) -> int:
+    def fail(events: list[Any], *, force: bool = False, granted: int = 0) -> int:
         raise RuntimeError("submit failed")
 
     sinks = [file_sink("file", tmp_path / "events.jsonl")]

@@ -394,7 +394,8 @@ class SinkRunner:
         """Make one attempt, in a span linked to the batch's sampled events when tracing is on."""
         tracing = self._tracing
         span = None
-        if tracing is not None and tracing.enabled:
+        links = tracing.sampled_links(batch) if tracing is not None else None
+        if tracing is not None and links:
             name, kind, attributes = self.sink.describe(batch)
             attributes = {
                 **attributes,
@@ -402,7 +403,7 @@ class SinkRunner:
                 "eventrouter.attempt": attempt,
                 "messaging.batch.message_count": len(batch),
             }
-            span = tracing.start_delivery(name, kind, (e.traceparent for e in batch), attributes)
+            span = tracing.start_delivery(name, kind, links, attributes)
         if span is None:
             return await self._attempt(batch)
         with trace.use_span(span, end_on_exit=False):
