@@ -160,8 +160,9 @@ class SessionManager:
             self._denied.log(
                 logging.WARNING,
                 "ws-overloaded",
-                "refused session of user %s: the buffer is full and the overflow policy is reject",
+                "refused session of user %s: the buffer is full and the overflow policy is %s",
                 principal.user_id or "(none)",
+                self.app.engine.buffer.overflow,
             )
             await send(
                 {
