@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -129,17 +130,16 @@ class IngestApp:
                 )
             principal = self._authenticate(scope, authorization, api_key)
             body = await self._read_body(scope, receive)
-            granted = await self._make_room(body, batch, receive)
+            room = _Room(await self._make_room(body, batch, receive))
             try:
                 if batch:
-                    status, payload = self._accept_batch(body, principal, context, granted)
+                    status, payload = self._accept_batch(body, principal, context, room)
                 else:
-                    status, payload = self._accept_one(body, principal, context, granted)
-            except BaseException:
-                # The events never reached the buffer, so the room goes back.
-                if granted:
-                    self.engine.buffer.release(granted)
-                raise
+                    status, payload = self._accept_one(body, principal, context, room)
+            finally:
+                # Room that no event took, as when decoding failed, goes back.
+                if room.granted:
+                    self.engine.buffer.release(room.granted)
         except IngestError as exc:
             extra = [(b"retry-after", b"1")] if exc.status in (429, 503) else None
             if span is not None:
@@ -325,9 +325,9 @@ class IngestApp:
             for i, event in enumerate(events)
         ]
 
-    def _submit(self, envelopes: list[Envelope], granted: int) -> int:
+    def _submit(self, envelopes: list[Envelope], room: _Room) -> int:
         try:
-            return self.engine.submit(envelopes, granted=granted)
+            dropped = self.engine.submit(envelopes, granted=room.granted)
         except Overloaded:
             self.metrics.rejected.labels("overloaded").inc(len(envelopes))
             raise IngestError(
@@ -336,9 +336,12 @@ class IngestApp:
                 f"the router's buffer is full, so {_events_were(len(envelopes))} not accepted; "
                 "retry after 1 second",
             ) from None
+        # `offer` used the granted room, and released what the events left.
+        room.granted = 0
+        return dropped
 
     def _accept_one(
-        self, body: bytes, principal: Principal, traceparent: str | None, granted: int
+        self, body: bytes, principal: Principal, traceparent: str | None, room: _Room
     ) -> tuple[int, bytes]:
         self._received_http.inc()
         try:
@@ -346,11 +349,11 @@ class IngestApp:
         except msgspec.DecodeError as exc:
             self.metrics.rejected.labels("invalid").inc()
             raise IngestError(400, "invalid_event", describe_decode_error(exc, "event")) from None
-        self._submit(self._envelopes([event], principal, traceparent), granted)
+        self._submit(self._envelopes([event], principal, traceparent), room)
         return 200, _EMPTY_OK
 
     def _accept_batch(
-        self, body: bytes, principal: Principal, traceparent: str | None, granted: int
+        self, body: bytes, principal: Principal, traceparent: str | None, room: _Room
     ) -> tuple[int, bytes]:
         try:
             events, errors = self.decoder.decode_batch(body)
@@ -367,11 +370,9 @@ class IngestApp:
         self._received_http.inc(len(events) + len(errors))
         if errors:
             self.metrics.rejected.labels("invalid").inc(len(errors))
-        dropped = 0
-        if events:
-            dropped = self._submit(self._envelopes(events, principal, traceparent), granted)
-        elif granted:
-            self.engine.buffer.release(granted)
+        dropped = (
+            self._submit(self._envelopes(events, principal, traceparent), room) if events else 0
+        )
         payload = {
             "accepted": len(events),
             "rejected": len(errors),
@@ -412,6 +413,13 @@ def _end_span(span: Span, status: int, error: str | None) -> None:
     if status >= 500:
         span.set_status(StatusCode.ERROR, error)
     span.end()
+
+
+@dataclass
+class _Room:
+    """Room in the ring buffer that `block` granted one request and its events have not taken."""
+
+    granted: int
 
 
 def _events_were(count: int) -> str:
