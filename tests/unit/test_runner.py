@@ -537,6 +537,32 @@ async def test_waiting_puts_keep_their_order(harness: Harness, overflow: str) ->
     assert ids(list(runner._queue)) == ids(first[3:] + later)
 
 
+@pytest.mark.parametrize("overflow", ["reject", "block"])
+async def test_put_waits_behind_next_waiter(harness: Harness, overflow: str) -> None:
+    runner = harness.runner(FakeSink(), make_spec(queue_size=3), overflow=overflow)
+    first, second, third = make_events(4, "a"), make_events(1, "b"), make_events(1, "c")
+    puts = [asyncio.create_task(runner.put(first))]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    puts.append(asyncio.create_task(runner.put(second)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    # Room for `first`'s last event and one more. `third` is scheduled right
+    # behind `first`, so it runs after `first` frees the lock and before
+    # `second`, which waited for the lock, gets its turn.
+    runner._queue.popleft()
+    runner._queue.popleft()
+    runner._has_room.set()
+    puts.append(asyncio.create_task(runner.put(third)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert puts[0].done()
+    runner._queue.popleft()
+    runner._has_room.set()
+    await asyncio.wait_for(asyncio.gather(*puts), 2)
+    assert ids(list(runner._queue)) == ids(first[3:] + second + third)
+
+
 async def test_reject_cancelled_counts_shutdown(harness: Harness) -> None:
     runner = harness.runner(FakeSink(), make_spec(queue_size=3), overflow="reject")
     put = asyncio.create_task(runner.put(make_events(5)))

@@ -131,6 +131,10 @@ class SinkRunner:
         self._has_room = asyncio.Event()
         self._has_room.set()
         self._put_lock = asyncio.Lock()
+        # Puts in `_put_waiting`, holding the lock or waiting for it. A new put
+        # queues behind them even when the lock is free for a moment, between
+        # one holder's release and the next waiter's turn.
+        self._putting = 0
         self._interrupt = asyncio.Event()
         self._closing = False
         self._handing_over = False
@@ -264,7 +268,7 @@ class SinkRunner:
             await self._successor._enqueue(events)
             return
         free = self._capacity - len(self._queue)
-        if len(events) <= free and not self._put_lock.locked():
+        if len(events) <= free and not self._putting:
             self._queue.extend(events)
         elif self.overflow == "dropNewest":
             self._queue.extend(events[: max(free, 0)])
@@ -282,6 +286,7 @@ class SinkRunner:
     async def _put_waiting(self, events: list[Envelope]) -> None:
         start = 0
         self._waiting += len(events)
+        self._putting += 1
         try:
             # Puts fill the queue one at a time, in the order they came, because
             # asyncio.Lock serves waiters first come, first served. So a later
@@ -312,6 +317,8 @@ class SinkRunner:
             self.count_dropped(len(events) - start, "shutdown")
             log_undelivered(f"sink {self.name}", events[start:])
             raise
+        finally:
+            self._putting -= 1
 
     def discard(self, events: list[Envelope], reason: str) -> None:
         """Count events that were matched for this sink but never reached its queue."""
