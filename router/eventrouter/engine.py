@@ -413,6 +413,10 @@ class Engine:
         async with self._reload_lock:
             old = self._active
             runners = await self._start_runners(config, old.runners)
+            for name, runner in runners.items():
+                if old.runners.get(name) not in (None, runner):
+                    # Resumed by `hand_over` once the old runner's events are in front.
+                    runner.hold()
             self._active = _Active(config, RouteTable(config.routes), runners)
             queue = config.router.spec.queue
             self.buffer.resize(queue.size, queue.overflow)

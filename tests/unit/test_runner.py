@@ -626,6 +626,32 @@ async def test_hand_over_waits_for_attempt(harness: Harness) -> None:
     assert harness.accounted("primary") == 5
 
 
+async def test_held_successor_delivers_after_taken_over(harness: Harness) -> None:
+    gate = asyncio.Event()
+    old_sink = FakeSink(gate=gate)
+    old = harness.runner(old_sink, make_spec(batch_size=2))
+    await old.start()
+    await old.put(make_events(5, "old"))
+    await old_sink.attempt_started.wait()
+
+    # As on reload: the successor is held, and new events reach it while the
+    # old runner's attempt still runs.
+    new_sink = FakeSink("primary")
+    new = harness.runner(new_sink)
+    new.hold()
+    await new.start()
+    handing_over = asyncio.create_task(old.hand_over(new, timeout=2.0))
+    await old.put(make_events(2, "new"))
+    await asyncio.sleep(0.05)
+    assert new_sink.delivered == []
+
+    gate.set()
+    await asyncio.wait_for(handing_over, 2.0)
+    await wait_until(lambda: len(new_sink.delivered) == 5)
+    assert ids(old_sink.delivered) == ["old0", "old1"]
+    assert ids(new_sink.delivered) == ["old2", "old3", "old4", "new0", "new1"]
+
+
 async def test_hand_over_timeout_moves_failed_batch(harness: Harness) -> None:
     # The attempt outlasts the hand-over timeout and then fails, so its batch
     # follows the rest to the successor instead of being retried by the old runner.

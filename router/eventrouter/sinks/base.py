@@ -131,6 +131,8 @@ class SinkRunner:
         self._has_room = asyncio.Event()
         self._has_room.set()
         self._put_lock = asyncio.Lock()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
         # Puts in `_put_waiting`, holding the lock or waiting for it. A new put
         # queues behind them even when the lock is free for a moment, between
         # one holder's release and the next waiter's turn.
@@ -197,10 +199,23 @@ class SinkRunner:
             leftover = self._pending + leftover
             self._pending = []
         successor.take_over(leftover)
+        successor.resume()
         self._handed_over = True
         # Wake producers waiting for room; they forward to the successor.
         self._has_room.set()
         await self._close_sink(timeout)
+
+    def hold(self) -> None:
+        """Queue events but deliver none until `resume`.
+
+        A runner that replaces another on reload is held until it has taken
+        over its predecessor's events, which go in front of its queue, so that
+        it never delivers newer events before them.
+        """
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._resumed.set()
 
     def take_over(self, events: list[Envelope]) -> None:
         """Put events of a predecessor in front of this queue, already counted as matched."""
@@ -212,6 +227,7 @@ class SinkRunner:
         """Deliver what is queued until `deadline` (monotonic time); return what is left."""
         self._closing = True
         self._has_items.set()
+        self._resumed.set()
         if self._task is not None:
             remaining = max(0.0, deadline - time.monotonic())
             try:
@@ -344,6 +360,9 @@ class SinkRunner:
                 continue
             if self._handing_over:
                 return
+            if not self._resumed.is_set() and not self._closing:
+                await self._resumed.wait()
+                continue
             if spec.batch_wait > 0:
                 await self._linger(spec.batch_wait)
             if len(self._queue) <= self._batch_size:
