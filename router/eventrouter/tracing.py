@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from operator import attrgetter
 from typing import Any
@@ -72,6 +73,11 @@ def format_traceparent(context: SpanContext) -> str:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags}"
 
 
+_OTLP_DEFAULT = "http://localhost:4318/v1/traces (the exporter's default)"
+# Seconds that shutdown waits for the last spans to be exported.
+_SHUTDOWN_SECONDS = 3.0
+
+
 def _otlp_endpoint(configured: str | None, env: Mapping[str, str]) -> str | None:
     """Return the OTLP/HTTP traces URL, where the standard variables override `configured`.
 
@@ -111,6 +117,7 @@ class Tracing:
                 )
         self.ratio = ratio
         self.provider: TracerProvider | None = None
+        self.destination = "none"
         self.tracer: trace.Tracer | None = None
         if exporter is None and kind == "none":
             return
@@ -123,6 +130,7 @@ class Tracing:
         )
         # Sampling is decided in `start_ingest`; spans that reach the SDK are kept.
         self.provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
+        self.destination = "console" if kind == "console" else "custom exporter"
         if exporter is not None:
             self.provider.add_span_processor(SimpleSpanProcessor(exporter))
         elif kind == "console":
@@ -131,6 +139,7 @@ class Tracing:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             endpoint = _otlp_endpoint(spec.endpoint, env)
+            self.destination = endpoint or _OTLP_DEFAULT
             self.provider.add_span_processor(
                 BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint))
             )
@@ -140,8 +149,9 @@ class Tracing:
             return
         self.tracer = self.provider.get_tracer("eventrouter", __version__)
         logger.info(
-            "tracing on: exporter %s, sampling ratio %g",
+            "tracing on: exporter %s to %s, sampling ratio %g",
             kind if exporter is None else "custom",
+            self.destination,
             ratio,
         )
 
@@ -202,6 +212,22 @@ class Tracing:
             attributes=attributes,
         )
 
-    def shutdown(self) -> None:
-        if self.provider is not None:
-            self.provider.shutdown()
+    def shutdown(self, timeout: float = _SHUTDOWN_SECONDS) -> None:
+        """Export the spans still queued, waiting at most `timeout` seconds.
+
+        The SDK's exporter retries an unreachable endpoint for longer than a
+        pod's termination grace period, so the wait runs in a daemon thread
+        and the process does not wait for it past `timeout`.
+        """
+        provider = self.provider
+        if provider is None:
+            return
+        worker = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            logger.warning(
+                "tracing: spans still queued were not exported to %s within %.0f s of shutdown",
+                self.destination,
+                timeout,
+            )

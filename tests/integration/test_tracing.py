@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import socket
 import time
 import uuid
 from collections import defaultdict
@@ -34,6 +35,7 @@ from eventrouter.auth import Authenticator
 from eventrouter.config import load_config
 from eventrouter.engine import Engine
 from eventrouter.metrics import Metrics
+from eventrouter.resources import TracingSpec
 from eventrouter.tracing import Tracing
 from tests.conftest import (
     RouterProcess,
@@ -736,3 +738,28 @@ def test_variable_overrides_spec_endpoint(
         assert unused.count() == 0
 
     check_exported(exported_spans(collector), "eventrouter")
+
+
+def test_shutdown_bounded_when_endpoint_hangs(caplog: pytest.LogCaptureFixture) -> None:
+    # A listener that never accepts: connections complete in its backlog and
+    # the exporter's request waits for a reply that never comes.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        tracing = Tracing(
+            TracingSpec(exporter="otlp", endpoint=endpoint, sampling_ratio=1.0), "r", environ={}
+        )
+        span, _ = tracing.start_ingest(None, "POST /v2/event", {})
+        assert span is not None
+        span.end()
+
+        started = time.monotonic()
+        tracing.shutdown(timeout=0.5)
+        waited = time.monotonic() - started
+
+    assert waited < 2.0
+    assert any(
+        "not exported to" in record.getMessage() and endpoint in record.getMessage()
+        for record in caplog.records
+    )
