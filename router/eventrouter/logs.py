@@ -67,6 +67,42 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     # The router logs its own start and stop lines; uvicorn's would repeat them.
     for noisy in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # aiokafka logs each failed connection and metadata request, about 20,000
+    # lines a second while a broker is down; the Kafka sink reports outages
+    # itself, so aiokafka's lines are limited to one per message per 10 s.
+    handler.addFilter(RepeatFilter("aiokafka", 10.0))
+
+
+class RepeatFilter(logging.Filter):
+    """Pass one record per logger and message format per interval, for loggers under `prefix`.
+
+    The next record that passes carries the count of those held back in its
+    `suppressed` attribute. Records of other loggers always pass.
+    """
+
+    def __init__(self, prefix: str, interval: float) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._interval = interval
+        self._last: dict[tuple[str, object], float] = {}
+        self._held: dict[tuple[str, object], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefix):
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        if len(self._last) >= 1024:
+            self._last.clear()
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            record.suppressed = held
+        return True
 
 
 class RateLimitedLog:

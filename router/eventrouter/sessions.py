@@ -244,19 +244,27 @@ class SessionManager:
                 continue
             text = message.get("text")
             if text is None:
+                self._count_invalid()
                 await self._reply(
                     session, None, error="binary messages are not supported; send JSON text"
                 )
                 continue
             await self._handle_text(session, text)
 
+    def _count_invalid(self) -> None:
+        """Count a message that is not a JSON object as one invalid event, as HTTP does."""
+        self._received.inc()
+        self._rejected.labels("invalid").inc()
+
     async def _handle_text(self, session: _Session, text: str) -> None:
         try:
             body = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
+            self._count_invalid()
             await self._reply(session, None, error=f"invalid JSON: {exc}")
             return
         if not isinstance(body, dict):
+            self._count_invalid()
             await self._reply(session, None, error="expected a JSON object")
             return
         cid = body.get("cid")

@@ -513,6 +513,23 @@ async def test_invalid_event_error(
     assert [e["name"] for e in read_jsonl(outs[SINK])] == ["session_start", "session_end"]
 
 
+@pytest.mark.parametrize(
+    "message", ["not json", "[1, 2]", b"\x00binary"], ids=["text", "array", "binary"]
+)
+async def test_non_object_message_counted_invalid(
+    start_router: StartRouter, message: str | bytes
+) -> None:
+    router, _ = start_router()
+    connection = await open_session(router, sign_token())
+    await connection.send(message)
+    reply = json.loads(await connection.recv())
+    await connection.close()
+
+    assert reply["error"]["code"] == BAD_INPUT
+    assert router.metric("eventrouter_events_received_total", transport="websocket") == 1
+    assert router.metric("eventrouter_events_rejected_total", reason="invalid") == 1
+
+
 async def test_event_ack_matches_file(start_router: StartRouter) -> None:
     router, outs = start_router()
     connection = await open_session(router, sign_token(uid="acked-user", usn="acked"))

@@ -503,11 +503,11 @@ class SinkRunner:
         self._failures.log(
             logging.WARNING,
             f"{self.name}:{type(error).__name__}",
-            "sink %s: attempt %d of %d failed for %d events: %s",
+            "sink %s: attempt %d of %d failed for %s: %s",
             self.name,
             attempt,
             self.spec.retry.max_attempts,
-            size,
+            _count(size, "event"),
             error,
             extra={"sink": self.name, "retryable": error.retryable},
         )
@@ -518,10 +518,10 @@ class SinkRunner:
         if target is None:
             self.count_dropped(len(batch), "delivery_failed")
             logger.error(
-                "sink %s dropped %d events after %d attempts: %s",
+                "sink %s dropped %s after %s: %s",
                 self.name,
-                len(batch),
-                attempts,
+                _count(len(batch), "event"),
+                _count(attempts, "attempt"),
                 error,
                 extra={"sink": self.name, "event_ids": [e.id for e in batch]},
             )
@@ -531,3 +531,7 @@ class SinkRunner:
         )
         self._dead_lettered.inc(len(batch))
         await target.put([msgspec.structs.replace(e, dead_letter=letter) for e in batch])
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
