@@ -119,7 +119,7 @@ class RingBuffer:
         when the buffer closes. The caller must pass the result to `offer`
         as `granted`, or to `release`.
         """
-        if self._closed:
+        if self._closed or count > self.capacity:
             raise Overloaded
         if not self._room_waiters and self.free >= count:
             self._granted += count
@@ -172,6 +172,18 @@ class RingBuffer:
             count, future = waiters[0]
             if future.done():
                 waiters.popleft()
+                continue
+            if count > self.capacity:
+                # A reload made the buffer smaller than this request.
+                waiters.popleft()
+                future.set_exception(Overloaded())
+                continue
+            if self.overflow != "block":
+                # A reload switched to a policy that does not wait: the
+                # request goes on and the new policy applies to its events.
+                waiters.popleft()
+                self._granted += count
+                future.set_result(None)
                 continue
             if self.free < count:
                 return

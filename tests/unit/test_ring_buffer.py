@@ -163,3 +163,28 @@ async def test_stop_waiting_fails_waiters_only() -> None:
         await task
     assert ring.waiting == 0
     assert not ring.closed
+
+
+async def test_smaller_capacity_fails_waiter_that_cannot_fit() -> None:
+    ring = buffer()
+    ring.offer(events(10))
+    task = asyncio.create_task(ring.wait_for_room(8, 5.0))
+    await asyncio.sleep(0)
+    ring.resize(5, "block")
+    with pytest.raises(Overloaded):
+        await asyncio.wait_for(task, 1.0)
+    with pytest.raises(Overloaded):
+        await ring.wait_for_room(6, 5.0)
+
+
+async def test_policy_switch_releases_waiters() -> None:
+    ring = buffer()
+    ring.offer(events(10))
+    task = asyncio.create_task(ring.wait_for_room(3, 5.0))
+    await asyncio.sleep(0)
+    ring.resize(10, "dropNewest")
+    granted = await asyncio.wait_for(task, 1.0)
+    # The buffer is still full, so the new policy drops the newest events.
+    assert ring.offer(events(3), granted=granted) == 3
+    assert len(ring) == 10
+    assert ring.free == 0
