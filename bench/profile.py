@@ -1,10 +1,10 @@
 """Profile the router's hot path under load with py-spy and group the samples by component.
 
 Starts `eventrouter serve` pinned to CPU 0 with one catch-all route to a
-blackhole sink (or, with --sink kafka, to a Kafka broker that the script
-starts on 127.0.0.1), loads it with wrk pinned to CPU 1, and samples the
-router with `py-spy record` while wrk runs. It prints the share of samples
-spent in each component and in the functions with the most own time.
+blackhole sink, or with --sink kafka to a Kafka broker that the script starts
+on 127.0.0.1. wrk, pinned to CPU 1, loads the router while `py-spy record`
+samples it. The script prints the share of samples spent in each component
+and in the functions with the most own time.
 
     .venv/bin/pip install py-spy
     .venv/bin/python bench/profile.py --workload batch [--sink kafka] [--seconds 8]

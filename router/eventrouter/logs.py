@@ -68,7 +68,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     for noisy in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # aiokafka logs each failed connection and metadata request, about 20,000
-    # lines a second while a broker is down; the Kafka sink reports outages
+    # lines a second while a broker is down. The Kafka sink reports outages
     # itself, so aiokafka's lines are limited to one per message per 10 s.
     handler.addFilter(RepeatFilter("aiokafka", 10.0))
 
