@@ -201,7 +201,7 @@ class Tracing:
     def start_delivery(
         self, name: str, kind: SpanKind, links: list[Link], attributes: dict[str, Any]
     ) -> trace.Span | None:
-        """Start the span of one delivery attempt, linked to sampled events, or return None without links."""
+        """Start the span of one delivery attempt, linked to sampled events; None without links."""
         if self.tracer is None or not links:
             return None
         return self.tracer.start_span(
