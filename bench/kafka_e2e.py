@@ -86,7 +86,7 @@ CAMEL_START_TIMEOUT = 60.0
 CAMEL_WARMUP_SECONDS = 20
 
 # `overflow: block` makes the router hold requests while its buffer is full
-# instead of dropping events (the default, dropNewest) or answering 503
+# instead of dropping events (the default, dropNewest) or responding 503
 # (reject), so wrk's unlimited load measures the rate the router sustains.
 ROUTER_CONFIG = """\
 apiVersion: eventrouter.io/v1alpha1

@@ -16,9 +16,9 @@ accepted, then reads the router's RSS with psutil and the held events from
 `/metrics`: `eventrouter_buffer_depth` (ring buffer) plus
 `eventrouter_sink_in_flight` (sink queue, waiting workers and the blocked
 batch). The cost per event is the least-squares slope of RSS over held
-events, taken over the points where the ring buffer holds events, so the sink
-side's fixed costs (the blocked batch is also encoded to JSON lines) stay out
-of it. The script talks to the router only over HTTP and reads its memory from
+events, taken over the points where the ring buffer contains events. The sink
+side's fixed costs, such as the blocked batch encoded as JSON lines, so stay
+out of it. The script talks to the router only over HTTP and reads its memory from
 outside, so it measures any in-memory representation of events.
 
 The router is pinned to CPU 0 and this script to CPU 1. Each round starts a

@@ -324,7 +324,7 @@ def _cpu_ticks(cpu: int) -> tuple[int, int]:
 
 
 def load_average() -> float:
-    """The 1-minute load average."""
+    """Return the 1-minute load average."""
     return os.getloadavg()[0]
 
 
@@ -360,9 +360,9 @@ def machine_info(packages: tuple[str, ...]) -> dict[str, object]:
 
 
 def router_code() -> str:
-    """Where the router processes import `eventrouter` from, with the git commit.
+    """Describe where the router processes import `eventrouter` from, with the git commit.
 
-    The benchmark measures whatever that folder holds. With PYTHONPATH set to
+    The benchmark measures whatever that folder contains. With PYTHONPATH set to
     an export of one commit (`git archive HEAD router | tar -x -C DIR`, then
     PYTHONPATH=DIR/router), the figures belong to that commit even while the
     working tree changes.

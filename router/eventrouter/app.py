@@ -246,8 +246,8 @@ class IngestApp:
         buffer = self.engine.buffer
         if buffer.overflow not in ("reject", "block"):
             return 0
-        most = self.decoder.limits.max_batch_events if batch else 1
-        if buffer.free >= most and not buffer.waiting:
+        max_events = self.decoder.limits.max_batch_events if batch else 1
+        if buffer.free >= max_events and not buffer.waiting:
             # Any valid request fits, and nothing awaits before `offer` takes it.
             return 0
         count = self.decoder.count_events(body) if batch else 1
@@ -284,14 +284,14 @@ class IngestApp:
         """
         buffer = self.engine.buffer
         room = asyncio.ensure_future(buffer.wait_for_room(count, self.block_timeout))
-        gone = asyncio.ensure_future(receive())
+        disconnect = asyncio.ensure_future(receive())
         try:
-            await asyncio.wait((room, gone), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((room, disconnect), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             room.cancel()
             raise
         finally:
-            gone.cancel()
+            disconnect.cancel()
         if room.done():
             return room.result()
         room.cancel()

@@ -85,7 +85,7 @@ class RepeatFilter(logging.Filter):
         self._prefix = prefix
         self._interval = interval
         self._last: dict[tuple[str, object], float] = {}
-        self._held: dict[tuple[str, object], int] = {}
+        self._suppressed: dict[tuple[str, object], int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(self._prefix):
@@ -94,14 +94,14 @@ class RepeatFilter(logging.Filter):
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self._interval:
-            self._held[key] = self._held.get(key, 0) + 1
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return False
         if len(self._last) >= 1024:
             self._last.clear()
         self._last[key] = now
-        held = self._held.pop(key, 0)
-        if held:
-            record.suppressed = held
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            record.suppressed = suppressed
         return True
 
 

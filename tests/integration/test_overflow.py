@@ -398,7 +398,7 @@ def test_block_holds_requests_until_room(blocked_router) -> None:
         timeout=10,
         what="the single event to wait behind the batch",
     )
-    # Neither is answered or counted while it waits.
+    # Neither gets a response or is counted while it waits.
     assert waiting_batch[1] == []
     assert waiting_single[1] == []
     assert router.metric("eventrouter_events_received_total", transport="http") == 161
@@ -463,7 +463,7 @@ def test_block_disconnected_client_leaves_line(blocked_router) -> None:
         what="the router to notice the disconnect",
     )
 
-    # Its event is neither taken nor counted, and it holds no room.
+    # Its event is neither taken nor counted, and no room stays granted to it.
     delivered = _release_and_read(router, fifo, 161)
     assert delivered == list(range(161))
     assert router.metric("eventrouter_events_received_total", transport="http") == 161

@@ -360,9 +360,9 @@ class KafkaSink:
         cache_key = (key, len(partitions))
         position = self._partition_cache.get(cache_key)
         if position is None:
-            # aiokafka's murmur2 is pure Python (a few microseconds a key), so
-            # positions are cached; the bound keeps the cache from growing with
-            # the number of distinct keys.
+            # aiokafka's murmur2 is pure Python and costs a few microseconds a
+            # key, so positions are cached. The bound keeps the cache small
+            # when there are many distinct keys.
             if len(self._partition_cache) >= _PARTITION_CACHE_SIZE:
                 self._partition_cache.clear()
             position = (murmur2(key) & 0x7FFFFFFF) % len(partitions)
